@@ -142,7 +142,7 @@ def _domain(value: Any) -> str:
 
 def _routes(value: Any) -> Mapping[str, NextHop]:
     if not isinstance(value, dict):
-        raise ValueError(f"expected a table of domain = \"next hop\", got {value!r}")
+        raise ValueError(f'expected a table of domain = "next hop", got {value!r}')
     routes = {}
     for key, hop in value.items():
         if not is_valid_route_key(key):
@@ -159,7 +159,7 @@ TLS_LEVELS = ("none", "may", "encrypt", "verify")
 
 def _tls_policy(value: Any) -> Mapping[str, str]:
     if not isinstance(value, dict):
-        raise ValueError(f"expected a table of domain = \"level\", got {value!r}")
+        raise ValueError(f'expected a table of domain = "level", got {value!r}')
     convert = _choice(*TLS_LEVELS)
     return {k.lower(): convert(v) for k, v in value.items()}
 

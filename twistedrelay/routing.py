@@ -27,7 +27,8 @@ class NextHop:
     mx_lookup: bool
 
     def __str__(self) -> str:
-        host = self.host if self.mx_lookup else f"[{self.host}]"
+        bracketed = not self.mx_lookup and (":" in self.host or not is_ip_address(self.host))
+        host = f"[{self.host}]" if bracketed else self.host
         return host if self.port is None else f"{host}:{self.port}"
 
 

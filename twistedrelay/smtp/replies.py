@@ -14,7 +14,7 @@ from dataclasses import dataclass
 class Reply:
     """One SMTP reply: a three-digit code, an optional enhanced code and text lines.
 
-    ``text`` may hold several lines separated by ``\\n``; they are sent as a multi-line reply
+    ``text`` may hold several lines separated by newlines; they are sent as a multi-line reply
     (RFC 5321 §4.2.1), each line carrying the enhanced code when there is one.
     """
 
@@ -67,7 +67,9 @@ NOOP_OK = Reply(250, "2.0.0", "Ok")
 START_MAIL_INPUT = Reply(354, None, "End data with <CR><LF>.<CR><LF>")
 CLOSING = Reply(221, "2.0.0", "Bye")
 CANNOT_VRFY = Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
-HELP = Reply(214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP")
+HELP = Reply(
+    214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"
+)
 READY_TO_START_TLS = Reply(220, "2.0.0", "Ready to start TLS")
 AUTH_SUCCEEDED = Reply(235, "2.7.0", "Authentication successful")
 

@@ -1,0 +1,46 @@
+"""Relay permission: the open-relay matrix, without sockets."""
+
+import ipaddress
+
+import pytest
+
+from twistedrelay.policy import RelayPolicy
+from twistedrelay.smtp import replies
+
+POLICY = RelayPolicy(
+    [ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128")],
+    ["example.org", ".sub.example.net"],
+)
+
+
+@pytest.mark.parametrize(
+    ("client", "authenticated", "domain", "permitted"),
+    [
+        ("127.0.0.1", False, "example.org", True),
+        ("127.0.0.1", False, "foreign.test", True),
+        ("127.0.0.2", False, "example.org", True),
+        ("127.0.0.2", False, "foreign.test", False),
+        ("127.0.0.2", True, "foreign.test", True),
+        ("::1", False, "foreign.test", True),
+        ("::ffff:127.0.0.1", False, "foreign.test", True),
+        ("::ffff:127.0.0.2", False, "foreign.test", False),
+        ("192.0.2.1", False, "a.sub.example.net", True),
+        ("192.0.2.1", False, "sub.example.net", False),
+        ("192.0.2.1", False, "EXAMPLE.ORG.", True),
+        ("192.0.2.1", False, "", True),
+        ("not-an-ip", False, "foreign.test", False),
+    ],
+)
+def test_relay_matrix(client: str, authenticated: bool, domain: str, permitted: bool) -> None:
+    """Trusted networks and authenticated clients relay anywhere; others only to our domains."""
+    reply = POLICY.check_recipient(client, authenticated, domain)
+    assert (reply is None) is permitted
+    if not permitted:
+        assert reply == replies.RELAY_DENIED
+        assert (reply.code, reply.enhanced) == (554, "5.7.1")
+
+
+def test_empty_mynetworks_trusts_nobody() -> None:
+    """With no mynetworks, even loopback is a stranger."""
+    policy = RelayPolicy([], [])
+    assert policy.check_recipient("127.0.0.1", False, "foreign.test") == replies.RELAY_DENIED

@@ -1,0 +1,68 @@
+"""Relay permission: who may send mail to which domains through this relay.
+
+Pure. The rule (DESIGN.md, "Relay control"): a client in ``relay.mynetworks`` or an
+authenticated client may relay to any domain; anyone else may only send to the relay's own
+``relay.domains``. Everything else is refused with ``554 5.7.1`` at RCPT. Plugins run after
+this check and can only narrow it: an open relay is a defect.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+
+from twistedrelay.smtp import replies
+from twistedrelay.smtp.replies import Reply
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class RelayPolicy:
+    """Decides whether a recipient may be accepted from a client.
+
+    :param mynetworks: networks whose clients may relay anywhere.
+    :param domains: domains anyone may send to; ``.example.org`` also matches every
+        subdomain of example.org.
+    """
+
+    def __init__(self, mynetworks: Iterable[IPNetwork], domains: Iterable[str]) -> None:
+        self._v4 = tuple(n for n in mynetworks if n.version == 4)
+        self._v6 = tuple(n for n in mynetworks if n.version == 6)
+        domains = [d.lower().rstrip(".") for d in domains]
+        self._exact = frozenset(d for d in domains if not d.startswith("."))
+        self._parents = tuple(d for d in domains if d.startswith("."))
+
+    def is_trusted_client(self, client_address: str) -> bool:
+        """True when the client's address is inside ``mynetworks``.
+
+        IPv4-mapped IPv6 addresses (``::ffff:127.0.0.1``) count as their IPv4 address; a
+        value that is not an IP address (e.g. a UNIX socket peer) is never trusted.
+        """
+        try:
+            address = ipaddress.ip_address(client_address.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        networks = self._v4 if address.version == 4 else self._v6
+        return any(address in network for network in networks)
+
+    def is_local_domain(self, domain: str) -> bool:
+        """True when ``domain`` is one of ``relay.domains`` (anyone may send to it)."""
+        domain = domain.lower().rstrip(".")
+        if domain in self._exact:
+            return True
+        return any(domain.endswith(parent) for parent in self._parents)
+
+    def check_recipient(
+        self, client_address: str, authenticated: bool, recipient_domain: str
+    ) -> Reply | None:
+        """None when the recipient may be accepted, else the final refusal (554 5.7.1).
+
+        A recipient without a domain (``postmaster``) is local by RFC 5321 §4.5.1.
+        """
+        if authenticated or not recipient_domain or self.is_local_domain(recipient_domain):
+            return None
+        if self.is_trusted_client(client_address):
+            return None
+        return replies.RELAY_DENIED
