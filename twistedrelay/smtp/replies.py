@@ -125,3 +125,13 @@ BARE_LINE_ENDING = Reply(
 )
 HEADERS_TOO_BIG = Reply(552, "5.3.4", "Error: message header size exceeds limit")
 TRANSACTION_FAILED = Reply(554, "5.0.0", "Error: transaction failed")
+
+# Outbound delivery (smtp/client_session.py): what a mail host's answer, or the lack of one,
+# means for each recipient when no reply from the host itself applies.
+CONNECTION_LOST = Reply(421, "4.4.2", "Lost connection with mail host")
+CONVERSATION_TIMED_OUT = Reply(421, "4.4.2", "Timed out while talking to mail host")
+MALFORMED_REPLY = Reply(451, "4.5.0", "Malformed reply from mail host")
+TLS_REQUIRED_NOT_OFFERED = Reply(450, "4.7.4", "TLS is required, but was not offered by host")
+TLS_REQUIRED_REFUSED = Reply(450, "4.7.4", "TLS is required, but host refused to start TLS")
+MESSAGE_TOO_BIG_FOR_HOST = Reply(552, "5.3.4", "Message size exceeds the size limit of host")
+SMTPUTF8_NOT_OFFERED = Reply(554, "5.6.7", "SMTPUTF8 is required, but was not offered by host")
