@@ -1,0 +1,156 @@
+"""DATA decoding: raw bytes after ``354`` → message bytes, the end of data, and why to reject.
+
+Owns RFC 5321 §4.1.1.4 and §4.5.2 for the inbound side: the end-of-data indicator
+``<CRLF>.<CRLF>``, dot-unstuffing, and the checks that can only be made on the message
+content (bare CR or LF, size, header section size, Received count). It does not write
+anything anywhere: decoded bytes are returned to the caller, chunk by chunk.
+
+Invariants:
+
+- Only ``<CRLF>.<CRLF>`` ends DATA. ``<LF>.<LF>``, ``<CR>.<LF>``, ``<LF>.<CRLF>`` and
+  ``<CRLF>.<LF>`` never do, so a message cannot smuggle a second one past us (SMTP
+  smuggling, 2023). A bare CR or bare LF anywhere makes the message rejected, but the
+  decoder keeps consuming up to the real end so the session stays in step with the client.
+- The result does not depend on how the input is split into chunks: at most four bytes
+  (a proper prefix of ``<CRLF>.<CRLF>``) are carried from one ``feed`` to the next.
+- Work is done with ``bytes.find``/``count``/``replace`` on whole chunks, never with a
+  Python loop over bytes or lines of the body.
+- Once an error is known, no more decoded bytes are returned (the message will not be
+  queued, so nothing needs to be held).
+"""
+
+from __future__ import annotations
+
+from twistedrelay.smtp import replies
+from twistedrelay.smtp.replies import Reply
+
+_END = b"\r\n.\r\n"
+# Proper prefixes of the end-of-data indicator, longest first: the tail we must hold back.
+_END_PREFIXES = (b"\r\n.\r", b"\r\n.", b"\r\n", b"\r")
+_RECEIVED = b"received:"
+
+
+class DataDecoder:
+    """Decodes one message's DATA section from a stream of chunks.
+
+    The stream is treated as if it began with ``<CRLF>`` (the end of the DATA command
+    line), so ``.<CRLF>`` as the very first line is an empty message and a leading ``.``
+    on the first line is unstuffed like any other.
+
+    :param max_size: decoded bytes allowed; more → ``MESSAGE_TOO_BIG``.
+    :param max_received_headers: Received: header fields allowed in the header section;
+        more → ``TOO_MANY_HOPS`` (RFC 5321 §6.3 loop detection).
+    :param max_header_size: bytes allowed before the empty line ending the header section;
+        more → ``HEADERS_TOO_BIG``.
+    """
+
+    def __init__(self, max_size: int, max_received_headers: int, max_header_size: int) -> None:
+        self._max_size = max_size
+        self._max_received = max_received_headers
+        self._max_header_size = max_header_size
+        # The virtual CRLF that ends the DATA command line; removed from the output.
+        self._carry = b"\r\n"
+        self._skip = 2
+        self._size = 0
+        self._error: Reply | None = None
+        self._bare_line_ending = False
+        self._in_headers = True
+        # Decoded bytes of the current, unfinished header line (starts at a line start).
+        self._header_line = b""
+        self._received = 0
+
+    @property
+    def size(self) -> int:
+        """Decoded message bytes seen so far (counted even after an error)."""
+        return self._size
+
+    @property
+    def error(self) -> Reply | None:
+        """Why the message must be rejected, or None. A bare CR/LF takes precedence."""
+        if self._bare_line_ending:
+            return replies.BARE_LINE_ENDING
+        return self._error
+
+    def feed(self, data: bytes) -> tuple[bytes, int | None]:
+        """Decode the next chunk of the DATA stream.
+
+        :param data: raw bytes as received.
+        :returns: ``(decoded, end)``: the decoded (dot-unstuffed) message bytes this chunk
+            completes (possibly empty), and the index in ``data`` just after the
+            ``<CRLF>.<CRLF>`` indicator, or None when the end has not been seen yet. Bytes
+            of ``data`` from ``end`` on are not part of the message (pipelined commands).
+            After the end, the decoder must not be fed again.
+        """
+        carried = len(self._carry)
+        buffer = self._carry + data if carried else data
+        end_at = buffer.find(_END)
+        if end_at >= 0:
+            # The CRLF before "." ends the message's last line and belongs to the message.
+            region = buffer[: end_at + 2]
+            self._carry = b""
+            end: int | None = end_at + len(_END) - carried
+        else:
+            hold = 0
+            for prefix in _END_PREFIXES:
+                if buffer.endswith(prefix):
+                    hold = len(prefix)
+                    break
+            region = buffer[: len(buffer) - hold]
+            self._carry = buffer[len(buffer) - hold :]
+            end = None
+        return self._decode(region), end
+
+    def _decode(self, region: bytes) -> bytes:
+        """Check and unstuff a region that starts at a line start or mid-line, never mid-CRLF."""
+        if not region:
+            return b""
+        if not self._bare_line_ending:
+            # The region never ends in CR (that is carried) and the byte before it is never
+            # CR, so counting is exact: every CR must be the start of a CRLF and vice versa.
+            crlf = region.count(b"\r\n")
+            if region.count(b"\r") != crlf or region.count(b"\n") != crlf:
+                self._bare_line_ending = True
+        # RFC 5321 §4.5.2: a leading "." on a line is removed.
+        decoded = region.replace(b"\r\n.", b"\r\n")
+        if self._skip:
+            decoded = decoded[self._skip :]
+            self._skip = 0
+        self._size += len(decoded)
+        if self._error is None and self._size > self._max_size:
+            self._error = replies.MESSAGE_TOO_BIG
+        if self._in_headers and self._error is None:
+            self._scan_headers(decoded)
+        if self._error is not None or self._bare_line_ending:
+            return b""
+        return decoded
+
+    def _scan_headers(self, decoded: bytes) -> None:
+        """Count Received: fields and measure the header section (RFC 5322 §2.2)."""
+        text = self._header_line + decoded
+        size_before = self._size - len(decoded) - len(self._header_line)
+        if text.startswith(b"\r\n"):
+            header_end = 0
+        else:
+            found = text.find(b"\n\r\n")
+            header_end = found + 1 if found >= 0 else -1
+        if header_end >= 0:
+            complete = text[:header_end]
+            self._in_headers = False
+            self._header_line = b""
+            if size_before + header_end > self._max_header_size:
+                self._error = replies.HEADERS_TOO_BIG
+        else:
+            last_newline = text.rfind(b"\n")
+            complete = text[:last_newline] if last_newline >= 0 else b""
+            self._header_line = text[last_newline + 1 :]
+            if size_before + len(text) > self._max_header_size:
+                self._error = replies.HEADERS_TOO_BIG
+                self._in_headers = False
+                self._header_line = b""
+        if complete:
+            lowered = complete.lower()
+            # A match of "\nreceived:" cannot span the last newline, so lines that are not
+            # complete yet are counted on a later chunk, exactly once.
+            self._received += lowered.count(b"\n" + _RECEIVED) + lowered.startswith(_RECEIVED)
+            if self._received > self._max_received and self._error is None:
+                self._error = replies.TOO_MANY_HOPS
