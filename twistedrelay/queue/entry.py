@@ -1,6 +1,7 @@
-"""Queue entries: the envelope stored with each message, and its on-disk encoding.
+"""Queue entries: what the relay remembers about a message besides its bytes.
 
-Owns the shape of what the relay remembers about a message besides its bytes. Pure: no
+Owns the shape and the JSON encoding of the envelope (fixed when the message is queued) and
+of the entry status (per-recipient delivery outcomes, which change on every attempt). Pure: no
 filesystem access here (that is queue/store.py). The encoding is versioned JSON so an
 operator can read it and a later release can still load entries written by this one.
 """
@@ -77,3 +78,97 @@ class Envelope:
         data["recipients"] = tuple(Recipient(**r) for r in data["recipients"])
         data["prepend_headers"] = tuple(data.get("prepend_headers", ()))
         return cls(**data)
+
+
+STATUS_FORMAT_VERSION = 1
+
+#: Per-recipient outcomes, named as the metric labels and the outcome hooks (STYLE.md).
+DELIVERED = "delivered"
+DEFERRED = "deferred"
+BOUNCED = "bounced"
+_OUTCOMES = (DELIVERED, DEFERRED, BOUNCED)
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientStatus:
+    """What delivery has learnt about one recipient so far.
+
+    ``outcome`` is delivered, deferred or bounced; delivered and bounced are final (the
+    recipient is never tried again). ``reply`` is the last reply or local diagnostic as an
+    operator would read it (e.g. "451 4.4.1 connection refused"). ``attempts`` counts the
+    attempts that included this recipient.
+    """
+
+    address: str
+    outcome: str
+    reply: str = ""
+    attempts: int = 0
+
+    @property
+    def is_final(self) -> bool:
+        """Delivered or bounced: nothing left to do for this recipient."""
+        return self.outcome in (DELIVERED, BOUNCED)
+
+
+@dataclass(frozen=True, slots=True)
+class EntryStatus:
+    """The mutable part of a queue entry, kept in a sidecar file next to the entry.
+
+    The envelope never changes after the message is queued; this does. An entry with no
+    sidecar has the empty status (no attempt yet, every recipient pending).
+    """
+
+    attempts: int = 0
+    last_attempt_at: float | None = None
+    recipients: tuple[RecipientStatus, ...] = ()
+
+    def for_recipient(self, address: str) -> RecipientStatus | None:
+        """The status of one recipient, or None when it was never attempted."""
+        for status in self.recipients:
+            if status.address == address:
+                return status
+        return None
+
+    def is_final(self, address: str) -> bool:
+        """Whether the recipient was delivered or bounced already."""
+        status = self.for_recipient(address)
+        return status is not None and status.is_final
+
+    def pending(self, envelope: Envelope) -> tuple[Recipient, ...]:
+        """The envelope's recipients that still need delivering, in envelope order."""
+        return tuple(r for r in envelope.recipients if not self.is_final(r.address))
+
+    def with_attempt(self, attempted_at: float) -> EntryStatus:
+        """A copy that counts one more attempt of the entry, made at ``attempted_at``."""
+        return EntryStatus(self.attempts + 1, attempted_at, self.recipients)
+
+    def with_outcome(self, address: str, outcome: str, reply: str) -> EntryStatus:
+        """A copy recording one recipient's outcome (its attempt count grows by one).
+
+        :raises ValueError: ``outcome`` is not delivered, deferred or bounced.
+        """
+        if outcome not in _OUTCOMES:
+            raise ValueError(f"unknown outcome {outcome!r}")
+        previous = self.for_recipient(address)
+        attempts = previous.attempts + 1 if previous is not None else 1
+        updated = RecipientStatus(address, outcome, reply, attempts)
+        others = tuple(s for s in self.recipients if s.address != address)
+        return EntryStatus(self.attempts, self.last_attempt_at, (*others, updated))
+
+    def to_json(self) -> bytes:
+        """Encode as one line of UTF-8 JSON."""
+        data: dict[str, Any] = asdict(self)
+        data["version"] = STATUS_FORMAT_VERSION
+        return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> EntryStatus:
+        """Decode what to_json() wrote.
+
+        :raises ValueError: the bytes are not a status this version can read.
+        """
+        data = json.loads(raw)
+        if not isinstance(data, dict) or data.pop("version", None) != STATUS_FORMAT_VERSION:
+            raise ValueError("not a twistedrelay entry status (version 1)")
+        recipients = tuple(RecipientStatus(**r) for r in data.pop("recipients", ()))
+        return cls(recipients=recipients, **data)
