@@ -21,6 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.internet import interfaces, ssl
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
@@ -71,7 +72,7 @@ class ServerTLS:
         """The OpenSSL context new connections use."""
         return self._context
 
-    def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:  # noqa: N802, N803
+    def serverConnectionForTLS(self, tls_protocol: TLSMemoryBIOProtocol) -> SSL.Connection:  # noqa: N802
         """Twisted's IOpenSSLServerConnectionCreator: one connection on the current context."""
         return SSL.Connection(self._context, None)
 
@@ -179,6 +180,11 @@ def tls_level_for(destination_name: str, default: str, policy: Mapping[str, str]
     return default
 
 
+VERIFICATION_ERRORS = (SSL.Error, VerificationError)
+"""How a failed outbound handshake shows in ``connectionLost``: a bad chain is an
+``SSL.Error``, a certificate that does not name the mail host a ``VerificationError``."""
+
+
 @dataclass(frozen=True, slots=True)
 class ClientTLSOptions:
     """What to do about TLS on one outbound connection."""
@@ -275,7 +281,7 @@ class _UnverifiedClientCreator:
         self._context = context
         self._hostname = hostname
 
-    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:  # noqa: N802, N803
+    def clientConnectionForTLS(self, tls_protocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         """Twisted's IOpenSSLClientConnectionCreator: one client connection."""
         connection = SSL.Connection(self._context, None)
         # RFC 6066 §3: SNI carries DNS names only, never an address literal.
