@@ -25,7 +25,7 @@ from collections.abc import MutableMapping
 from datetime import UTC, datetime
 from typing import IO, Any
 
-from twisted.logger import FileLogObserver, ILogObserver, Logger, LogLevel, formatEvent
+from twisted.logger import FileLogObserver, ILogObserver, Logger, formatEvent
 
 from twistedrelay.smtp.replies import Reply
 
@@ -241,6 +241,19 @@ class MailLog:
         """The message left hold: ``QUEUEID: released from hold: reason``."""
         self._emit("release", queue_id, f"released from hold: {sanitize(reason)}", reason=reason)
 
+    def auth(self, client_address: str, username: str, ok: bool) -> None:
+        """A login on submission: ``auth ok|failed from [ip] user=NAME`` (never the password)."""
+        outcome = "ok" if ok else "failed"
+        self._emit(
+            "auth",
+            None,
+            f"auth {outcome} from {format_client(sanitize(client_address))} "
+            f"user={sanitize(username)}",
+            client_address=client_address,
+            username=username,
+            ok=ok,
+        )
+
     def removed(self, queue_id: str) -> None:
         """The message left the queue for good: ``QUEUEID: removed``."""
         self._emit("removed", queue_id, "removed")
@@ -258,7 +271,7 @@ def format_json_line(event: MutableMapping[str, Any]) -> str | None:
     level = event.get("log_level")
     record: dict[str, Any] = {
         "time": datetime.fromtimestamp(event.get("log_time", 0.0), UTC).isoformat(),
-        "level": level.name if isinstance(level, LogLevel) else "info",
+        "level": level.name if level is not None else "info",
         "namespace": event.get("log_namespace", ""),
     }
     if "mail_event" in event:

@@ -39,7 +39,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,10 +48,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, valu
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from twistedrelay.queue.ids import arrival_time_of, is_queue_id
+
 if TYPE_CHECKING:
-    from twisted.internet.defer import Deferred
     from twisted.internet.interfaces import IReactorTime
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -430,57 +434,49 @@ class QueueCounts:
     duration_seconds: float
 
 
-def _entry_names(directory: str) -> Iterator[os.DirEntry[str]]:
+def _names(directory: str) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except FileNotFoundError:
+        return []
+
+
+def _subdirectories(directory: str) -> list[str]:
     try:
         with os.scandir(directory) as it:
-            yield from it
+            return [e.path for e in it if e.is_dir(follow_symlinks=False)]
     except FileNotFoundError:
-        return
+        return []
 
 
-def count_queue(
-    queue_directory: str | os.PathLike[str],
-    arrival_time_of: Callable[[str], float | None] | None = None,
-) -> QueueCounts:
-    """Count the entries of each queue state directory; blocking, run it in a thread.
+def count_queue(queue_directory: str | os.PathLike[str]) -> QueueCounts:
+    """Count the entries of each queue state; blocking, so run it in a thread.
 
-    An entry is a name not starting with "." in ``incoming/``, ``deferred/``, ``hold/`` or a
-    worker's ``active/<worker>/``. Names sharing a stem before the first "." are one entry.
-    The oldest arrival comes from the queue ID when ``arrival_time_of`` can read it, else from
-    the file's modification time.
+    Entries are the files named by a queue ID in ``incoming/``, ``deferred/``, ``hold/`` and
+    every worker's ``active/<owner>/`` (queue/layout.py). The oldest arrival comes from the
+    smallest queue ID outside hold (queue IDs sort by arrival time), so no file is stat'ed:
+    the mtime of a deferred entry is its next attempt time, not its age.
     """
     started = time.monotonic()
     root = os.fspath(queue_directory)
     by_state: dict[str, int] = {}
     oldest_id: str | None = None
-    oldest_mtime: float | None = None
     for state in QUEUE_STATES:
         state_dir = os.path.join(root, state)
         if state == "active":
-            dirs = [e.path for e in _entry_names(state_dir) if e.is_dir(follow_symlinks=False)]
+            dirs = _subdirectories(state_dir)
         else:
             dirs = [state_dir]
-        stems: set[str] = set()
+        count = 0
         for directory in dirs:
-            for entry in _entry_names(directory):
-                if not entry.name.startswith("."):
-                    stems.add(entry.name.partition(".")[0])
-                    if state != "hold" and arrival_time_of is None:
-                        try:
-                            mtime = entry.stat(follow_symlinks=False).st_mtime
-                        except FileNotFoundError:
-                            continue  # moved on between scandir and stat
-                        if oldest_mtime is None or mtime < oldest_mtime:
-                            oldest_mtime = mtime
-        by_state[state] = len(stems)
-        if state != "hold" and arrival_time_of is not None and stems:
-            # Queue IDs sort by arrival time, so the smallest ID is the oldest entry.
-            first = min(stems)
-            if oldest_id is None or first < oldest_id:
-                oldest_id = first
-    oldest = oldest_mtime
-    if arrival_time_of is not None and oldest_id is not None:
-        oldest = arrival_time_of(oldest_id)
+            ids = [name for name in _names(directory) if is_queue_id(name)]
+            count += len(ids)
+            if ids and state != "hold":
+                first = min(ids)
+                if oldest_id is None or first < oldest_id:
+                    oldest_id = first
+        by_state[state] = count
+    oldest = None if oldest_id is None else arrival_time_of(oldest_id)
     return QueueCounts(by_state, oldest, time.monotonic() - started)
 
 
@@ -491,9 +487,8 @@ class QueueGaugeCollector(Collector):
     reactor's thread pool every ``interval_seconds`` (a 100k-entry queue is counted in tens
     of milliseconds, off the reactor thread).
 
+    :param queue_directory: the ``[queue] directory``.
     :param reactor: provides the clock (age is computed at scrape time) and the thread pool.
-    :param arrival_time_of: queue ID → arrival epoch seconds, or None when the name is not a
-        queue ID; without it the oldest modification time is used.
     """
 
     log = Logger()
@@ -503,21 +498,16 @@ class QueueGaugeCollector(Collector):
         queue_directory: str | os.PathLike[str],
         reactor: IReactorTime,
         interval_seconds: float = 5.0,
-        arrival_time_of: Callable[[str], float | None] | None = None,
     ) -> None:
         self.queue_directory = Path(queue_directory)
         self.interval_seconds = interval_seconds
         self.counts = QueueCounts(dict.fromkeys(QUEUE_STATES, 0), None, 0.0)
         self._reactor = reactor
-        self._arrival_time_of = arrival_time_of
         self._loop: Any = None
         self._first: Deferred[None] | None = None
 
     def start(self) -> Deferred[None]:
         """Count now and then every ``interval_seconds``; fires once the first count is done."""
-        from twisted.internet.defer import Deferred
-        from twisted.internet.task import LoopingCall
-
         self._first = Deferred()
         self._loop = LoopingCall(self.count_now)
         self._loop.clock = self._reactor
@@ -533,13 +523,10 @@ class QueueGaugeCollector(Collector):
 
     def count_now(self) -> Deferred[None]:
         """Run one counting pass in a thread and cache its result; never fails."""
-        from twisted.internet.threads import deferToThreadPool
-
         reactor: Any = self._reactor
         d: Deferred[QueueCounts] = deferToThreadPool(
-            reactor, reactor.getThreadPool(), count_queue, self.queue_directory,
-            self._arrival_time_of,
-        )  # fmt: skip
+            reactor, reactor.getThreadPool(), count_queue, self.queue_directory
+        )
 
         def store(counts: QueueCounts) -> None:
             self.counts = counts
