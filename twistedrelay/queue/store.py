@@ -346,6 +346,17 @@ class IncomingMessage:
         tail = trailer + FOOTER_FORMAT % (len(trailer), self._size)
         return self._store._persist(self.queue_id, file, self._tmp_path, tail, state)
 
+    def read_back(self) -> bytes:
+        """The content written so far (for data hooks that read the message before commit).
+
+        Flushes the buffered writes and reads the tmp file; b"" after a write error.
+        """
+        if self._file is None:
+            return b""
+        self._file.flush()
+        with open(self._tmp_path, "rb") as file:
+            return file.read(self._size)
+
     def discard(self) -> None:
         """Drop the message (the transaction failed or was reset): remove its tmp file.
 

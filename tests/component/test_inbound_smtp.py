@@ -1,0 +1,184 @@
+"""The inbound server end to end in one process: real reactor, loopback, real queue files."""
+
+from __future__ import annotations
+
+import os
+import smtplib
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, threads
+
+from twistedrelay.queue.store import read_entry_metadata
+from twistedrelay.smtp import replies
+from twistedrelay.testing.inbound import InboundHarness
+
+
+def _reactor() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
+
+
+def _send(port: int, sender: str, recipients: list[str], message: bytes, **kw: Any) -> Any:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10, **kw) as client:
+        return client.sendmail(sender, recipients, message)
+
+
+def _chat(port: int, lines: list[bytes], source: str = "127.0.0.1") -> bytes:
+    """Send raw lines in one write, then read until the server closes or goes quiet."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0)) as s:
+        s.recv(1024)
+        s.sendall(b"".join(lines))
+        s.settimeout(1.0)
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except TimeoutError:
+            pass
+        return out
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Any:
+    h = InboundHarness(_reactor(), tmp_path, {"relay": {"domains": ["example.org"]}})
+    h.port = h.start()
+    yield h
+    pytest_twisted.blockon(defer.ensureDeferred(h.stop()))
+
+
+@pytest_twisted.ensureDeferred
+async def test_smtplib_message_is_queued_with_envelope(harness: Any) -> None:
+    """A message from smtplib lands in incoming/ with its envelope and a Received header."""
+    message = b"Subject: hello\r\n\r\nbody line\r\n.leading dot\r\n"
+    refused = await threads.deferToThread(
+        _send, harness.port, "alice@example.org", ["bob@example.net"], message
+    )
+    assert refused == {}
+    (queue_id,) = harness.queued
+    path = harness.store.layout.entry_path("incoming", queue_id)
+    envelope, content_size = read_entry_metadata(path)
+    assert envelope.sender == "alice@example.org"
+    assert [r.address for r in envelope.recipients] == ["bob@example.net"]
+    assert envelope.client_address == "127.0.0.1"
+    with open(path, "rb") as f:
+        content = f.read(content_size)
+    assert content.startswith(b"Received: from ")
+    assert f"id {queue_id}".encode() in content
+    assert content.endswith(b"Subject: hello\r\n\r\nbody line\r\n.leading dot\r\n")
+    assert any(
+        line.startswith(f"{queue_id}: ") and "from=<alice@example.org>" in line
+        for line in harness.mail_log()
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_pipelined_session_gets_ordered_replies(harness: Any) -> None:
+    """Commands sent in one write are answered in order, one reply each."""
+    lines = [
+        b"EHLO client.example\r\n",
+        b"MAIL FROM:<a@example.org>\r\n",
+        b"RCPT TO:<b@example.net>\r\n",
+        b"RCPT TO:<c@example.net>\r\n",
+        b"DATA\r\n",
+        b"Subject: x\r\n\r\nhi\r\n.\r\n",
+        b"QUIT\r\n",
+    ]
+    out = await threads.deferToThread(_chat, harness.port, lines)
+    codes = [line[:4] for line in out.split(b"\r\n") if line[3:4] == b" "]
+    assert codes == [b"250 ", b"250 ", b"250 ", b"250 ", b"354 ", b"250 ", b"221 "]
+    assert len(harness.queued) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_open_relay_matrix_over_loopback(tmp_path: Path) -> None:
+    """Only mynetworks relays anywhere; a stranger reaches relay.domains only (554 5.7.1)."""
+    h = InboundHarness(
+        _reactor(),
+        tmp_path,
+        {"relay": {"mynetworks": ["127.0.0.1/32"], "domains": ["example.org"]}},
+    )
+    port = h.start()
+    try:
+        cases = [
+            ("127.0.0.1", "b@foreign.test", b"250 2.1.5"),
+            ("127.0.0.1", "b@example.org", b"250 2.1.5"),
+            ("127.0.0.2", "b@example.org", b"250 2.1.5"),
+            ("127.0.0.2", "b@foreign.test", str(replies.RELAY_DENIED).encode()),
+        ]
+        for source, recipient, expected in cases:
+            out = await threads.deferToThread(
+                _chat,
+                port,
+                [
+                    b"EHLO x\r\n",
+                    b"MAIL FROM:<a@x.test>\r\n",
+                    f"RCPT TO:<{recipient}>\r\n".encode(),
+                    b"QUIT\r\n",
+                ],
+                source,
+            )
+            assert expected in out, (source, recipient, out)
+        assert any("reject: RCPT" in line and "554 5.7.1" in line for line in h.mail_log())
+    finally:
+        await h.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_bare_lf_in_data_is_rejected_and_nothing_queued(harness: Any) -> None:
+    """SMTP smuggling: a bare LF in DATA rejects the message; no queue file remains."""
+    lines = [
+        b"EHLO x\r\n",
+        b"MAIL FROM:<a@example.org>\r\n",
+        b"RCPT TO:<b@example.net>\r\n",
+        b"DATA\r\n",
+        b"Subject: x\r\n\r\nsmuggled\n.\nMAIL FROM:<evil@x>\r\n.\r\n",
+        b"QUIT\r\n",
+    ]
+    out = await threads.deferToThread(_chat, harness.port, lines)
+    assert str(replies.BARE_LINE_ENDING).encode() in out
+    assert harness.queued == []
+    assert harness.store.counts()["incoming"] == 0
+    assert os.listdir(os.path.dirname(harness.store.layout.tmp_path("x"))) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_message_over_size_limit_is_refused_after_data(tmp_path: Path) -> None:
+    """Too big: 552 5.3.4 at MAIL when SIZE= says so, else after DATA; nothing queued."""
+    h = InboundHarness(_reactor(), tmp_path, {"smtp": {"max_message_size": 2048}})
+    port = h.start()
+    try:
+        with pytest.raises(smtplib.SMTPSenderRefused) as raised:
+            await threads.deferToThread(
+                _send, port, "a@example.org", ["b@example.net"], b"x" * 5000 + b"\r\n"
+            )
+        assert raised.value.smtp_code == 552
+        lines = [
+            b"EHLO x\r\n",
+            b"MAIL FROM:<a@example.org>\r\n",
+            b"RCPT TO:<b@example.net>\r\n",
+            b"DATA\r\n",
+            b"Subject: big\r\n\r\n" + (b"y" * 70 + b"\r\n") * 60,
+            b".\r\n",
+        ]
+        out = await threads.deferToThread(_chat, port, lines)
+        assert out.split(b"\r\n")[-2] == str(replies.MESSAGE_TOO_BIG).encode()
+        assert h.queued == []
+    finally:
+        await h.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_client_gets_421_timeout(tmp_path: Path) -> None:
+    """A client silent past smtp.command_timeout gets 421 4.4.2 and is disconnected."""
+    h = InboundHarness(_reactor(), tmp_path, {"smtp": {"command_timeout": 0.3}})
+    port = h.start()
+    try:
+        out = await threads.deferToThread(_chat, port, [b"EHLO x\r\n"])
+        assert str(replies.IDLE_TIMEOUT).encode() in out
+    finally:
+        await h.stop()

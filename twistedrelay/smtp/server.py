@@ -1,0 +1,687 @@
+"""The inbound SMTP server on Twisted: a thin adapter around ``ServerSession``.
+
+Owns the I/O of inbound sessions: moving bytes between the transport and the sans-IO
+session, timeouts, connection limits, STARTTLS, and carrying out the decisions the session
+asks for (relay permission, hook plugins, AUTH, writing and committing the queue file). It
+owns no protocol rule: those are in server_session.py.
+
+Invariant: ``250 queued as`` is written only after ``QueueStore`` reports the entry durable;
+any failure before that removes the partial file and answers 4xx.
+"""
+
+from __future__ import annotations
+
+import email.utils
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from typing import Any
+
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
+from twisted.internet.interfaces import IAddress, IDelayedCall
+from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from typing_extensions import override
+
+from twistedrelay.auth import Authenticator, Credentials, LoginThrottle, SASLError, SASLExchange
+from twistedrelay.config import Config
+from twistedrelay.eventlog import MailLog
+from twistedrelay.hooks import (
+    DataContext,
+    Decision,
+    DisconnectContext,
+    HeloContext,
+    HookContext,
+    HookRunner,
+    MailContext,
+    Notes,
+    QueueContext,
+    RcptContext,
+    Verdict,
+)
+from twistedrelay.metrics import RelayMetrics
+from twistedrelay.policy import RelayPolicy
+from twistedrelay.queue.entry import Envelope, Recipient
+from twistedrelay.queue.store import IncomingMessage, QueueStore, QueueWriteError
+from twistedrelay.smtp import replies
+from twistedrelay.smtp.addresses import domain_of
+from twistedrelay.smtp.replies import Reply
+from twistedrelay.smtp.server_session import (
+    Auth,
+    AuthContinuation,
+    Close,
+    DataChunk,
+    DataEnd,
+    DataStart,
+    Event,
+    Helo,
+    MailFrom,
+    Output,
+    RcptTo,
+    ServerSession,
+    SessionSettings,
+    StartTLS,
+)
+from twistedrelay.tls import ServerTLS, describe_tls
+
+_log = Logger(namespace="twistedrelay.smtp")
+
+LISTENER_MODES = ("smtp", "submission", "submissions")
+LOOPBACK_PREFIXES = ("127.", "::1", "::ffff:127.")
+
+
+@dataclass
+class InboundParts:
+    """The collaborators every inbound session of one worker shares (built by app.py).
+
+    ``on_queued(queue_id)`` tells the delivery side of this worker that an entry is durable
+    in ``incoming/``, so it is claimed at once instead of at the next queue scan.
+    """
+
+    config: Config
+    reactor: Any
+    store: QueueStore
+    policy: RelayPolicy
+    hooks: HookRunner
+    maillog: MailLog
+    metrics: RelayMetrics
+    on_queued: Callable[[str], None]
+    server_tls: ServerTLS | None = None
+    authenticator: Authenticator | None = None
+    throttle: LoginThrottle = field(default_factory=LoginThrottle)
+
+
+class SMTPServerFactory(ServerFactory):
+    """Builds one SMTPServerProtocol per connection on one listener, within the limits.
+
+    :param listener: "smtp" (port 25: relay and inbound), "submission" (587: AUTH
+        required) or "submissions" (465: implicit TLS, AUTH required).
+    """
+
+    def __init__(self, parts: InboundParts, listener: str) -> None:
+        if listener not in LISTENER_MODES:
+            raise ValueError(f"unknown listener mode {listener!r}")
+        self.parts = parts
+        self.listener = listener
+        self.sessions: set[SMTPServerProtocol] = set()
+        self.sessions_per_ip: dict[str, int] = {}
+        self.recent_connections: dict[str, list[float]] = {}
+        self.draining = False
+
+    @override
+    def buildProtocol(self, addr: IAddress) -> Protocol:
+        host = str(getattr(addr, "host", ""))
+        refusal = self._refusal_for(host)
+        if refusal is not None:
+            return _RefusingProtocol(refusal)
+        protocol = SMTPServerProtocol(self, host, int(getattr(addr, "port", 0)))
+        return protocol
+
+    def _refusal_for(self, host: str) -> Reply | None:
+        smtp = self.parts.config.smtp
+        if self.draining:
+            return replies.SHUTTING_DOWN
+        if len(self.sessions) >= smtp.max_connections:
+            return replies.TOO_MANY_CONNECTIONS
+        if self.sessions_per_ip.get(host, 0) >= smtp.max_connections_per_ip:
+            return replies.TOO_MANY_CONNECTIONS
+        if smtp.connection_rate_per_ip:
+            now = self.parts.reactor.seconds()
+            recent = [t for t in self.recent_connections.get(host, ()) if now - t < 60.0]
+            if len(recent) >= smtp.connection_rate_per_ip:
+                self.recent_connections[host] = recent
+                return replies.TOO_MANY_CONNECTIONS
+            recent.append(now)
+            self.recent_connections[host] = recent
+            if len(self.recent_connections) > 100_000:
+                self.recent_connections.clear()
+        return None
+
+    def session_started(self, protocol: SMTPServerProtocol) -> None:
+        """Count a session against the limits."""
+        self.sessions.add(protocol)
+        self.sessions_per_ip[protocol.client_address] = (
+            self.sessions_per_ip.get(protocol.client_address, 0) + 1
+        )
+
+    def session_ended(self, protocol: SMTPServerProtocol) -> None:
+        """Release a session's place in the limits."""
+        self.sessions.discard(protocol)
+        left = self.sessions_per_ip.get(protocol.client_address, 1) - 1
+        if left > 0:
+            self.sessions_per_ip[protocol.client_address] = left
+        else:
+            self.sessions_per_ip.pop(protocol.client_address, None)
+
+    def close_idle_sessions(self) -> None:
+        """At shutdown: say 421 to every session that is not in the middle of a message."""
+        self.draining = True
+        for protocol in list(self.sessions):
+            protocol.close_if_idle()
+
+    def close_all_sessions(self) -> None:
+        """At the end of the shutdown grace period: close every session, discarding drafts."""
+        for protocol in list(self.sessions):
+            protocol.close_now(replies.SHUTTING_DOWN)
+
+
+class _RefusingProtocol(Protocol):
+    """Answers a connection over the limits with one 421 and closes it."""
+
+    def __init__(self, reply: Reply) -> None:
+        self.reply = reply
+
+    @override
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self.reply.to_bytes())
+        self.transport.loseConnection()
+
+
+class SMTPServerProtocol(Protocol):
+    """One inbound SMTP session: ServerSession ↔ transport, decisions, queue file."""
+
+    def __init__(self, factory: SMTPServerFactory, client_address: str, client_port: int) -> None:
+        self.factory = factory
+        self.parts = factory.parts
+        self.client_address = client_address
+        self.client_port = client_port
+        self.listener = factory.listener
+        self.tls: str | None = None
+        self.session = ServerSession(self._settings())
+        self.notes = Notes()
+        self._message: IncomingMessage | None = None
+        self._queue_id: str | None = None
+        self._waiting = False
+        self._closed = False
+        self._idle_timer: IDelayedCall | None = None
+        self._data_timer: IDelayedCall | None = None
+        self._sasl: SASLExchange | None = None
+        self._auth_identity: str | None = None
+        self._messages_queued = 0
+        self._add_headers: tuple[str, ...] = ()
+
+    # -- Twisted callbacks ----------------------------------------------------------------
+
+    @override
+    def connectionMade(self) -> None:
+        self.factory.session_started(self)
+        self.parts.metrics.session_opened(self.listener)
+        self.parts.maillog.connect(self.client_address, self.client_port, self.listener)
+        if self.listener == "submissions":
+            self.tls = describe_tls(self.transport)
+            self.session.tls_started(self._settings())
+        self._reset_idle_timer()
+        self._write(self.session.greeting(), 220)
+
+    @override
+    def dataReceived(self, data: bytes) -> None:
+        self._reset_idle_timer()
+        if not self._waiting:
+            self._pump(data)
+        else:
+            # A decision is pending: the session only buffers (replies stay in order).
+            self.session.receive(data)
+
+    @override
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self._closed = True
+        for timer in (self._idle_timer, self._data_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        if self._message is not None:
+            self._message.discard()
+            self._message = None
+        self.factory.session_ended(self)
+        self.parts.metrics.session_closed()
+        self.parts.maillog.disconnect(
+            self.client_address,
+            f"messages={self._messages_queued} errors={self.session.error_count}",
+        )
+        if self.parts.hooks.has_hook("disconnect"):
+            self.parts.hooks.run(
+                "disconnect",
+                DisconnectContext(
+                    **self._hook_fields(),
+                    messages=self._messages_queued,
+                    errors=self.session.error_count,
+                ),
+            )
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def _pump(self, data: bytes) -> None:
+        """Feed the session and act on its events until it needs an asynchronous decision."""
+        while not self._closed:
+            pending: Event | None = None
+            for event in self.session.receive(data):
+                if isinstance(event, DataChunk):
+                    if self._message is not None:
+                        self._message.write(event.data)
+                elif isinstance(event, Output):
+                    self._write(event.data)
+                elif isinstance(event, Close):
+                    self._close()
+                    return
+                else:
+                    pending = event
+            data = b""
+            if pending is None:
+                return
+            decision = self._decide(pending)
+            if isinstance(decision, defer.Deferred):
+                self._waiting = True
+                self.transport.pauseProducing()  # type: ignore[union-attr]
+                decision.addErrback(self._internal_error)
+                decision.addCallback(self._decided, pending)
+                return
+            self._answer(decision, pending)
+
+    def _decided(self, reply: Reply, event: Event) -> None:
+        self._waiting = False
+        if self._closed:
+            return
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+        self._answer(reply, event)
+        self._pump(b"")
+
+    def _answer(self, reply: Reply, event: Event) -> None:
+        identity = self._auth_identity if reply.code == 235 else None
+        out = self.session.respond(reply, authenticated_as=identity)
+        self._write(out, reply.code)
+        if isinstance(event, StartTLS) and reply.code == 220:
+            self._start_tls()
+
+    def _internal_error(self, failure: Failure) -> Reply:
+        _log.failure(
+            "internal error in an SMTP session from {client}", failure, client=self.client_address
+        )
+        self._discard_message()
+        return replies.PLUGIN_ERROR
+
+    def _write(self, data: bytes, code: int | None = None) -> None:
+        if self._closed:
+            return
+        self.transport.write(data)  # type: ignore[union-attr]
+        metrics = self.parts.metrics
+        if code is not None:
+            metrics.reply_sent(code)
+            return
+        # Output may hold several replies (pipelining): count each final line.
+        start = 0
+        while start < len(data):
+            end = data.find(b"\r\n", start)
+            if end < 0:
+                break
+            if end - start > 3 and data[start + 3] == 32:  # "250 ..." ends a reply
+                metrics.reply_sent(int(data[start : start + 3]))
+            start = end + 2
+
+    # -- decisions ------------------------------------------------------------------------
+
+    def _decide(self, event: Event) -> Reply | defer.Deferred[Reply]:
+        if isinstance(event, Helo):
+            return self._run_hook(
+                "helo",
+                replies.OK,
+                lambda: HeloContext(**self._hook_fields(), extended=event.extended),
+            )
+        if isinstance(event, MailFrom):
+            return self._on_mail(event)
+        if isinstance(event, RcptTo):
+            return self._on_rcpt(event)
+        if isinstance(event, DataStart):
+            return self._on_data_start()
+        if isinstance(event, DataEnd):
+            return self._on_data_end(event)
+        if isinstance(event, StartTLS):
+            if self.parts.server_tls is None or self.tls is not None:
+                return replies.TLS_NOT_AVAILABLE
+            return replies.READY_TO_START_TLS
+        if isinstance(event, Auth):
+            return self._on_auth(event)
+        if isinstance(event, AuthContinuation):
+            return self._on_auth_line(event.line)
+        raise AssertionError(f"unexpected event {event!r}")
+
+    def _run_hook(
+        self, hook: str, accepted: Reply, build: Callable[[], HookContext]
+    ) -> Reply | defer.Deferred[Reply]:
+        """Run a deciding hook when any plugin has it; map its Decision to a reply."""
+        if not self.parts.hooks.has_hook(hook):
+            return accepted
+        return self.parts.hooks.run(hook, build()).addCallback(self._reply_for_decision, accepted)
+
+    def _reply_for_decision(self, decision: Decision, accepted: Reply) -> Reply:
+        if decision.verdict in (Verdict.PROCEED, Verdict.ACCEPT):
+            return accepted
+        reply = decision.reply or replies.PLUGIN_ERROR
+        if decision.verdict is Verdict.DISCONNECT:
+            self.parts.reactor.callLater(0, self.close_now, None)
+        return reply
+
+    def _on_mail(self, event: MailFrom) -> Reply | defer.Deferred[Reply]:
+        auth = self.parts.config.auth
+        user = self.session.authenticated_as
+        if (
+            user is not None
+            and auth.restrict_sender
+            and self.parts.authenticator is not None
+            and event.sender
+            and not self.parts.authenticator.may_send_as(user, event.sender)
+        ):
+            self._rejected("MAIL", replies.SENDER_NOT_OWNED, sender=event.sender)
+            return replies.SENDER_NOT_OWNED
+        return self._run_hook(
+            "mail",
+            replies.SENDER_OK,
+            lambda: MailContext(**self._hook_fields(), sender=event.sender, params=event.params),
+        )
+
+    def _on_rcpt(self, event: RcptTo) -> Reply | defer.Deferred[Reply]:
+        # Core relay policy first; its refusal is final (plugins may only narrow it).
+        refusal = self.parts.policy.check_recipient(
+            self.client_address, self.session.is_authenticated, domain_of(event.recipient)
+        )
+        if refusal is not None:
+            self._rejected("RCPT", refusal, recipient=event.recipient)
+            return refusal
+        return self._run_hook(
+            "rcpt",
+            replies.RECIPIENT_OK,
+            lambda: RcptContext(
+                **self._hook_fields(),
+                recipient=event.recipient,
+                sender=self.session.sender or "",
+                params=event.params,
+                accepted=tuple(r for r, _ in self.session.recipients),
+            ),
+        )
+
+    def _on_data_start(self) -> Reply:
+        # A creation error surfaces at commit(), which answers 451/452 after DATA.
+        message = self.parts.store.open_message()
+        queue_id = message.queue_id
+        self._queue_id, self._message = queue_id, message
+        message.write(self._received_header(queue_id))
+        data_timeout = self.parts.config.smtp.data_timeout
+        if data_timeout:
+            self._data_timer = self.parts.reactor.callLater(data_timeout, self._timed_out)
+        return replies.START_MAIL_INPUT
+
+    def _on_data_end(self, event: DataEnd) -> Reply | defer.Deferred[Reply]:
+        if self._data_timer is not None and self._data_timer.active():
+            self._data_timer.cancel()
+        message, queue_id = self._message, self._queue_id
+        if message is None or queue_id is None:
+            return replies.LOCAL_ERROR
+        if event.error is not None:
+            self._discard_message()
+            self._rejected("DATA", event.error, sender=self.session.sender)
+            return event.error
+        if not self.parts.hooks.has_hook("data"):
+            return self._commit(message, queue_id, "incoming", ())
+        context = DataContext(
+            **self._hook_fields(),
+            sender=self.session.sender or "",
+            recipients=tuple(r for r, _ in self.session.recipients),
+            headers=parse_header_section(message.read_back()),
+            size=message.size,
+            message_reader=message.read_back,
+        )
+        return self.parts.hooks.run("data", context).addCallback(
+            self._after_data_hook, message, queue_id
+        )
+
+    def _after_data_hook(
+        self, decision: Decision, message: IncomingMessage, queue_id: str
+    ) -> Reply | defer.Deferred[Reply]:
+        if decision.verdict in (Verdict.REJECT, Verdict.TEMPFAIL, Verdict.DISCONNECT):
+            self._discard_message()
+            reply = self._reply_for_decision(decision, replies.OK)
+            self._rejected("DATA", reply, sender=self.session.sender)
+            return reply
+        state = "hold" if decision.verdict is Verdict.HOLD else "incoming"
+        return self._commit(message, queue_id, state, decision.header_lines())
+
+    def _commit(
+        self, message: IncomingMessage, queue_id: str, state: str, added: tuple[str, ...]
+    ) -> defer.Deferred[Reply]:
+        envelope = self._envelope(queue_id, added)
+        size = message.size
+
+        def durable(_: object) -> Reply:
+            self._message = None
+            self._messages_queued += 1
+            self.parts.metrics.message_received(size)
+            self.parts.maillog.queued(
+                queue_id, envelope.sender, size, len(envelope.recipients), self.client_address
+            )
+            if state == "incoming":
+                self.parts.on_queued(queue_id)
+            else:
+                self.parts.maillog.held(queue_id, "data hook")
+            if self.parts.hooks.has_hook("queue"):
+                self.parts.hooks.run("queue", QueueContext.for_envelope(envelope))
+            return replies.queued_as(queue_id)
+
+        def failed(failure: Failure) -> Reply:
+            self._message = None
+            if failure.check(QueueWriteError):
+                _log.error(
+                    "{queue_id}: queue file write error: {error}",
+                    queue_id=queue_id,
+                    error=failure.value,
+                )
+                return failure.value.reply  # type: ignore[union-attr, no-any-return]
+            return self._internal_error(failure)
+
+        return message.commit(envelope, state).addCallbacks(durable, failed)
+
+    def _envelope(self, queue_id: str, added_headers: tuple[str, ...]) -> Envelope:
+        session = self.session
+        params = dict(session.mail_params)
+        return Envelope(
+            queue_id=queue_id,
+            sender=session.sender or "",
+            recipients=tuple(Recipient(r, dict(p)) for r, p in session.recipients),
+            arrival_time=self.parts.reactor.seconds(),
+            mail_params=params,
+            client_address=self.client_address,
+            client_port=self.client_port,
+            client_helo=session.helo_name or "",
+            authenticated_as=session.authenticated_as,
+            listener=self.listener,
+            tls=self.tls,
+            smtputf8="SMTPUTF8" in params,
+            body_8bit=(params.get("BODY") or "").upper() == "8BITMIME",
+            prepend_headers=added_headers,
+        )
+
+    def _received_header(self, queue_id: str) -> bytes:
+        """RFC 5321 §4.4 trace header, with the RFC 3848 protocol name."""
+        session = self.session
+        if not session.extended:
+            protocol = "SMTP"
+        else:
+            base = "UTF8SMTP" if "SMTPUTF8" in session.mail_params else "ESMTP"
+            protocol = base + ("S" if self.tls else "") + ("A" if session.is_authenticated else "")
+        recipients = session.recipients
+        for_clause = f"\r\n\tfor <{recipients[0][0]}>" if len(recipients) == 1 else ""
+        tls_clause = f"\r\n\t(using {self.tls})" if self.tls else ""
+        helo = _sanitize(session.helo_name or "unknown")
+        date = email.utils.formatdate(self.parts.reactor.seconds(), localtime=True)
+        header = (
+            f"Received: from {helo} ([{self.client_address}]){tls_clause}\r\n"
+            f"\tby {self.parts.config.hostname} (twistedrelay) with {protocol} id {queue_id}"
+            f"{for_clause}; {date}\r\n"
+        )
+        return header.encode("utf-8", "replace")
+
+    # -- STARTTLS and AUTH ----------------------------------------------------------------
+
+    def _start_tls(self) -> None:
+        assert self.parts.server_tls is not None
+        self.transport.startTLS(self.parts.server_tls)  # type: ignore[union-attr]
+        self.tls = "TLS"
+        self.session.tls_started(self._settings())
+        self.notes = Notes()
+        # The handshake completes before the client's next command can be read; describe it
+        # then (the cipher is unknown until the handshake is done).
+        self.parts.reactor.callLater(0, self._describe_tls)
+
+    def _describe_tls(self) -> None:
+        self.tls = describe_tls(self.transport) or self.tls
+
+    def _on_auth(self, event: Auth) -> Reply | defer.Deferred[Reply]:
+        if self.parts.authenticator is None or not self._auth_offered():
+            if self.parts.authenticator is not None and self.tls is None:
+                return replies.ENCRYPTION_REQUIRED_FOR_AUTH
+            return replies.COMMAND_NOT_IMPLEMENTED
+        try:
+            self._sasl = SASLExchange(event.mechanism, event.initial_response)
+            return self._auth_step(self._sasl.start())
+        except SASLError as e:
+            self._sasl = None
+            return e.reply
+
+    def _on_auth_line(self, line: str) -> Reply | defer.Deferred[Reply]:
+        if self._sasl is None:
+            return replies.BAD_SEQUENCE
+        try:
+            return self._auth_step(self._sasl.respond(line))
+        except SASLError as e:
+            self._sasl = None
+            return e.reply
+
+    def _auth_step(self, step: Reply | Credentials) -> Reply | defer.Deferred[Reply]:
+        if isinstance(step, Reply):
+            return step
+        self._sasl = None
+        assert self.parts.authenticator is not None
+        throttle, now = self.parts.throttle, self.parts.reactor.seconds()
+        delay = throttle.delay_for(self.client_address, now)
+        checked = self.parts.authenticator.authenticate(step.username, step.password)
+
+        def succeeded(identity: str) -> Reply:
+            throttle.record_success(self.client_address, self.parts.reactor.seconds())
+            self.parts.maillog.auth(self.client_address, identity, ok=True)
+            self._auth_identity = identity
+            return replies.AUTH_SUCCEEDED
+
+        def failed(failure: Failure) -> defer.Deferred[Reply] | Reply:
+            throttle.record_failure(self.client_address, self.parts.reactor.seconds())
+            self.parts.maillog.auth(self.client_address, step.username, ok=False)
+            if not failure.check(UnauthorizedLogin):
+                _log.failure("authentication backend failed", failure)
+                return replies.AUTH_TEMPORARY_FAILURE
+            return replies.AUTH_FAILED
+
+        result = checked.addCallbacks(succeeded, failed)
+        if delay > 0:
+            # Slow down password guessing from this address (the answer, not the check).
+            return result.addCallback(
+                lambda reply: deferLater(self.parts.reactor, delay, lambda: reply)
+            )
+        return result
+
+    def _auth_offered(self) -> bool:
+        if self.parts.authenticator is None:
+            return False
+        if self.tls is not None:
+            return True
+        return (
+            self.parts.config.auth.allow_plaintext_on_loopback
+            and self.client_address.startswith(LOOPBACK_PREFIXES)
+        )
+
+    def _settings(self) -> SessionSettings:
+        smtp = self.parts.config.smtp
+        return SessionSettings(
+            hostname=self.parts.config.hostname,
+            max_message_size=smtp.max_message_size,
+            max_recipients=smtp.max_recipients,
+            max_received_headers=smtp.max_received_headers,
+            max_header_size=smtp.max_header_size,
+            max_line_length=smtp.max_line_length,
+            max_errors=smtp.max_errors,
+            starttls_offered=self.parts.server_tls is not None and self.tls is None,
+            auth_mechanisms=("PLAIN", "LOGIN") if self._auth_offered() else (),
+            auth_required=self.listener != "smtp",
+        )
+
+    # -- timeouts and closing -------------------------------------------------------------
+
+    def _reset_idle_timer(self) -> None:
+        timeout = self.parts.config.smtp.command_timeout
+        if not timeout:
+            return
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.reset(timeout)
+        else:
+            self._idle_timer = self.parts.reactor.callLater(timeout, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self.close_now(replies.IDLE_TIMEOUT)
+
+    def close_if_idle(self) -> None:
+        """Shutdown: close now unless a message is being received or committed."""
+        if self._message is None and not self._waiting:
+            self.close_now(replies.SHUTTING_DOWN)
+
+    def close_now(self, reply: Reply | None) -> None:
+        """Say ``reply`` (if any) and close; a message not yet durable is discarded."""
+        if self._closed:
+            return
+        if reply is not None:
+            self._write(reply.to_bytes(), reply.code)
+        self._discard_message()
+        self._close()
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def _discard_message(self) -> None:
+        if self._message is not None:
+            self._message.discard()
+            self._message = None
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _hook_fields(self) -> dict[str, Any]:
+        return {
+            "client_address": self.client_address,
+            "client_port": self.client_port,
+            "listener": self.listener,
+            "tls": self.tls,
+            "helo_name": self.session.helo_name or "",
+            "authenticated_as": self.session.authenticated_as,
+            "now": self.parts.reactor.seconds(),
+            "notes": self.notes,
+        }
+
+    def _rejected(
+        self, stage: str, reply: Reply, sender: str | None = None, recipient: str | None = None
+    ) -> None:
+        self.parts.maillog.rejected(
+            stage,
+            self.client_address,
+            reply,
+            sender=sender if sender is not None else self.session.sender,
+            recipient=recipient,
+        )
+
+
+def parse_header_section(message: bytes) -> tuple[tuple[str, str], ...]:
+    """The header fields of a stored message as (name, unfolded value) pairs, in order."""
+    parsed = BytesHeaderParser(policy=compat32).parsebytes(message)
+    return tuple((name, " ".join(str(value).split())) for name, value in parsed.items())
+
+
+def _sanitize(text: str) -> str:
+    return "".join(c if c.isprintable() and c not in "()\\" else "?" for c in text)[:255]
