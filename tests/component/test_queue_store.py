@@ -1,0 +1,392 @@
+"""QueueStore on real files with the real reactor: accept, group commit, state moves."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import time
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import gatherResults
+
+from twistedrelay.queue.entry import DEFERRED, DELIVERED, EntryStatus, Envelope, Recipient
+from twistedrelay.queue.store import FOOTER_SIZE, FileSystem, QueueStore
+
+BODY = (
+    b"Received: from client.example.org by relay.example.test\r\n"
+    b"Subject: test\r\n\r\n"
+    b'{"version":1} looks like a trailer\r\n'
+    b"\n#TRQ1 0000000001 000000000000001\n"
+    b"last line\r\n"
+)
+
+
+def _envelope(queue_id: str, *recipients: str) -> Envelope:
+    recipients = recipients or ("rcpt@example.net",)
+    return Envelope(
+        queue_id=queue_id,
+        sender="sender@example.org",
+        recipients=tuple(Recipient(r) for r in recipients),
+        arrival_time=time.time(),
+        client_address="127.0.0.1",
+        client_helo="client.example.org",
+        prepend_headers=("X-Hook: yes\r\n",),
+    )
+
+
+@pytest.fixture
+def queue_dir(tmp_path):
+    directory = str(tmp_path / "queue")
+    QueueStore.create(directory)
+    return directory
+
+
+def _open_store(directory, filesystem=None):
+    from twisted.internet import reactor
+
+    return QueueStore(directory, reactor, filesystem=filesystem)
+
+
+@pytest.fixture
+def store(queue_dir):
+    queue = _open_store(queue_dir)
+    yield queue
+    queue.close()
+
+
+async def _queue(store, body=BODY, state="incoming", recipients=()):
+    message = store.open_message()
+    message.write(body[:10])
+    message.write(body[10:])
+    await message.commit(_envelope(message.queue_id, *recipients), state)
+    return message.queue_id
+
+
+def _names(directory):
+    return sorted(os.listdir(directory))
+
+
+# The accept path
+
+
+@pytest_twisted.ensureDeferred
+async def test_committed_message_is_in_incoming_with_envelope_and_body(store):
+    """A commit leaves one 0600 file in incoming/ that claim() reads back exactly."""
+    queue_id = await _queue(store)
+    layout = store.layout
+    assert _names(layout.incoming) == [queue_id]
+    assert _names(layout.tmp) == []
+    mode = os.stat(layout.entry_path("incoming", queue_id)).st_mode
+    assert stat.S_IMODE(mode) == 0o600
+    entry = store.claim(queue_id, "w0", "incoming")
+    assert entry is not None
+    assert entry.envelope.queue_id == queue_id
+    assert entry.envelope.sender == "sender@example.org"
+    assert entry.envelope.prepend_headers == ("X-Hook: yes\r\n",)
+    assert entry.content_size == len(BODY)
+    with entry.open_content() as content:
+        assert content.read() == BODY
+    with entry.open_content() as content:
+        assert b"".join(iter(lambda: content.read(7), b"")) == BODY
+
+
+@pytest_twisted.ensureDeferred
+async def test_envelope_is_a_json_line_before_a_fixed_footer(store):
+    """The file is content, one JSON line, then the 34-byte footer naming both sizes."""
+    message = store.open_message()
+    message.write(BODY)
+    envelope = _envelope(message.queue_id)
+    await message.commit(envelope)
+    with open(store.layout.entry_path("incoming", message.queue_id), "rb") as file:
+        raw = file.read()
+    assert raw.startswith(BODY)
+    footer = raw[-FOOTER_SIZE:]
+    trailer = raw[len(BODY) : -FOOTER_SIZE]
+    assert footer == b"\n#TRQ1 %010d %015d\n" % (len(trailer), len(BODY))
+    assert trailer == envelope.to_json()
+    assert b"\n" not in trailer
+
+
+@pytest_twisted.ensureDeferred
+async def test_empty_message_round_trips(store):
+    """A message with no content bytes is still a valid entry."""
+    queue_id = await _queue(store, body=b"")
+    entry = store.claim(queue_id, "w0", "incoming")
+    assert entry is not None and entry.content_size == 0
+    with entry.open_content() as content:
+        assert content.read() == b""
+
+
+@pytest_twisted.ensureDeferred
+async def test_commit_to_hold_lands_in_hold_and_notifies_observers(store):
+    """A data hook's hold decision queues the entry to hold/, and observers hear of it."""
+    seen = []
+    store.add_commit_observer(lambda queue_id, state: seen.append((queue_id, state)))
+    store.add_commit_observer(lambda queue_id, state: 1 / 0)  # a broken observer is logged
+    held = await _queue(store, state="hold")
+    queued = await _queue(store)
+    assert _names(store.layout.hold) == [held]
+    assert seen == [(held, "hold"), (queued, "incoming")]
+
+
+class RecordingFileSystem(FileSystem):
+    """Records the order of the commit path's OS calls (runs in pool threads)."""
+
+    def __init__(self, directory_delay=0.0):
+        self.events = []
+        self.lock = threading.Lock()
+        self.directory_delay = directory_delay
+
+    def _record(self, event):
+        with self.lock:
+            self.events.append(event)
+
+    def sync_file(self, file):
+        super().sync_file(file)
+        self._record("sync_file")
+
+    def rename(self, source, destination):
+        super().rename(source, destination)
+        self._record("rename")
+
+    def sync_directory(self, path):
+        time.sleep(self.directory_delay)
+        super().sync_directory(path)
+        self._record("sync_directory " + os.path.basename(path))
+
+
+@pytest_twisted.ensureDeferred
+async def test_commit_fires_only_after_file_sync_rename_and_directory_sync(queue_dir):
+    """Nothing is acknowledged before fdatasync, rename and a later directory fsync."""
+    filesystem = RecordingFileSystem()
+    store = _open_store(queue_dir, filesystem)
+    try:
+        message = store.open_message()
+        message.write(BODY)
+        committed = message.commit(_envelope(message.queue_id))
+        observed = []
+        committed.addCallback(lambda _: observed.extend(filesystem.events))
+        await committed
+        assert observed == ["sync_file", "rename", "sync_directory incoming"]
+    finally:
+        store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_commits_all_land_with_fewer_directory_fsyncs(queue_dir):
+    """Fifty sessions committing at once share directory fsyncs (group commit)."""
+    filesystem = RecordingFileSystem(directory_delay=0.01)
+    store = _open_store(queue_dir, filesystem)
+    try:
+        messages = [store.open_message() for _ in range(50)]
+        for number, message in enumerate(messages):
+            message.write(b"Subject: %d\r\n\r\nbody\r\n" % number)
+        await gatherResults([m.commit(_envelope(m.queue_id)) for m in messages])
+        assert _names(store.layout.incoming) == sorted(m.queue_id for m in messages)
+        directory_syncs = filesystem.events.count("sync_directory incoming")
+        assert directory_syncs == store.group_commit.directory_syncs
+        assert directory_syncs < 50
+        assert store.group_commit.renames_synced == 50
+        assert filesystem.events.count("sync_file") == 50
+    finally:
+        store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_discard_removes_the_tmp_file(store):
+    """A reset or rejected transaction leaves nothing behind."""
+    message = store.open_message()
+    message.write(BODY)
+    assert _names(store.layout.tmp) == [message.queue_id]
+    message.discard()
+    message.discard()
+    assert _names(store.layout.tmp) == []
+    with pytest.raises(RuntimeError):
+        message.write(b"more")
+
+
+@pytest_twisted.ensureDeferred
+async def test_discard_after_commit_does_nothing(store):
+    """A late discard (e.g. the connection dropped) never removes a queued entry."""
+    message = store.open_message()
+    message.write(BODY)
+    await message.commit(_envelope(message.queue_id))
+    message.discard()
+    assert _names(store.layout.incoming) == [message.queue_id]
+    with pytest.raises(RuntimeError):
+        message.commit(_envelope(message.queue_id))
+
+
+def test_programming_errors_are_refused_at_once(store):
+    """Bad IDs, a foreign envelope or an unknown state raise instead of queueing."""
+    with pytest.raises(ValueError):
+        store.open_message("../etc/passwd")
+    message = store.open_message(store.new_queue_id())
+    with pytest.raises(ValueError):
+        message.commit(_envelope(store.new_queue_id()))
+    with pytest.raises(ValueError):
+        message.commit(_envelope(message.queue_id), "deferred")
+    message.discard()
+
+
+def test_store_refuses_a_directory_that_was_not_created(tmp_path):
+    """Workers never silently create a second queue somewhere else."""
+    from twisted.internet import reactor
+
+    with pytest.raises(FileNotFoundError):
+        QueueStore(str(tmp_path / "nowhere"), reactor)
+
+
+# The delivery side
+
+
+@pytest_twisted.ensureDeferred
+async def test_claim_is_exclusive(store):
+    """The first claim moves the entry to active/<owner>/; a second claim gets None."""
+    queue_id = await _queue(store)
+    entry = store.claim(queue_id, "w0", "incoming")
+    assert entry is not None
+    assert entry.path == store.layout.active_path("w0", queue_id)
+    assert entry.status == EntryStatus()
+    assert store.claim(queue_id, "w1", "incoming") is None
+    assert _names(store.layout.incoming) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_scan_incoming_lists_oldest_first(store):
+    """IDs come back in arrival order."""
+    queued = [await _queue(store) for _ in range(5)]
+    assert store.scan_incoming() == queued
+
+
+@pytest_twisted.ensureDeferred
+async def test_mark_deferred_records_status_and_next_attempt(store):
+    """A deferred entry sits in deferred/ with mtime = next attempt, its status kept."""
+    queue_id = await _queue(store, recipients=("a@example.net", "b@example.net"))
+    entry = store.claim(queue_id, "w0", "incoming")
+    status = (
+        entry.status.with_attempt(time.time())
+        .with_outcome("a@example.net", DELIVERED, "250 2.0.0 Ok")
+        .with_outcome("b@example.net", DEFERRED, "451 4.4.1 timeout")
+    )
+    next_attempt_at = time.time() + 300
+    await store.mark_deferred(entry, next_attempt_at, status)
+    assert _names(store.layout.deferred) == [queue_id]
+    assert _names(store.layout.active_directory("w0")) == []
+    [(scanned_id, scanned_at)] = store.scan_deferred()
+    assert scanned_id == queue_id
+    assert scanned_at == pytest.approx(next_attempt_at, abs=1e-3)
+    again = store.claim(queue_id, "w1", "deferred")
+    assert again is not None
+    assert again.status == status
+    assert [r.address for r in again.status.pending(again.envelope)] == ["b@example.net"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_scan_deferred_is_soonest_first(store):
+    """Entries due first are listed first, whatever their arrival order."""
+    ids = [await _queue(store) for _ in range(3)]
+    now = time.time()
+    for queue_id, delay in zip(ids, (300, 100, 200), strict=True):
+        entry = store.claim(queue_id, "w0", "incoming")
+        await store.mark_deferred(entry, now + delay, EntryStatus())
+    assert [queue_id for queue_id, _ in store.scan_deferred()] == [ids[1], ids[2], ids[0]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_complete_removes_entry_and_sidecar(store):
+    """A fully delivered entry leaves no file in any state."""
+    queue_id = await _queue(store)
+    entry = store.claim(queue_id, "w0", "incoming")
+    await store.mark_deferred(entry, time.time(), EntryStatus().with_attempt(1.0))
+    entry = store.claim(queue_id, "w0", "deferred")
+    store.complete(entry)
+    assert store.counts() == {"incoming": 0, "active": 0, "deferred": 0, "hold": 0}
+    assert _names(store.layout.status) == []
+    assert _names(store.layout.tmp) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_release_returns_a_claimed_entry_to_incoming(store):
+    """At shutdown a claimed entry goes back to incoming/ untouched."""
+    queue_id = await _queue(store)
+    entry = store.claim(queue_id, "w0", "incoming")
+    store.release(entry)
+    assert store.scan_incoming() == [queue_id]
+
+
+@pytest_twisted.ensureDeferred
+async def test_reclaim_returns_only_that_owners_entries(store):
+    """The master returns a dead worker's entries; other workers' claims stay."""
+    ids = [await _queue(store) for _ in range(4)]
+    for queue_id in ids[:3]:
+        store.claim(queue_id, "w0", "incoming")
+    store.claim(ids[3], "w1", "incoming")
+    assert store.reclaim("w0") == 3
+    assert store.scan_incoming() == ids[:3]
+    assert store.counts()["active"] == 1
+    assert store.reclaim("w9") == 0
+    assert store.reclaim_all() == 1
+    assert store.scan_incoming() == ids
+
+
+@pytest_twisted.ensureDeferred
+async def test_hold_release_hold_and_requeue(store):
+    """Operator moves go between the right states and report whether they happened."""
+    queue_id = await _queue(store)
+    assert store.hold(queue_id)
+    assert not store.hold(queue_id)
+    assert store.claim(queue_id, "w0", "incoming") is None
+    assert store.release_hold(queue_id)
+    assert not store.release_hold(queue_id)
+    entry = store.claim(queue_id, "w0", "incoming")
+    await store.mark_deferred(entry, time.time() + 3600, EntryStatus())
+    assert store.requeue(queue_id)
+    assert not store.requeue(queue_id)
+    assert store.scan_incoming() == [queue_id]
+    entry = store.claim(queue_id, "w0", "incoming")
+    await store.mark_deferred(entry, time.time() + 3600, EntryStatus())
+    assert store.hold(queue_id)
+    assert _names(store.layout.hold) == [queue_id]
+
+
+@pytest_twisted.ensureDeferred
+async def test_counts_every_state(store):
+    """counts() reports incoming, active (all owners), deferred and hold."""
+    ids = [await _queue(store) for _ in range(6)]
+    store.claim(ids[0], "w0", "incoming")
+    store.claim(ids[1], "w1", "incoming")
+    entry = store.claim(ids[2], "w1", "incoming")
+    await store.mark_deferred(entry, time.time(), EntryStatus())
+    store.hold(ids[3])
+    open_message = store.open_message()  # tmp/ files are not a state
+    assert store.counts() == {"incoming": 2, "active": 2, "deferred": 1, "hold": 1}
+    open_message.discard()
+
+
+@pytest_twisted.ensureDeferred
+async def test_remove_stale_tmp_keeps_live_sessions(store):
+    """Old tmp files of crashed sessions go; a message being written now stays."""
+    crashed = store.open_message()
+    crashed.write(b"partial")
+    old = time.time() - 7200
+    os.utime(store.layout.tmp_path(crashed.queue_id), (old, old))
+    live = store.open_message()
+    live.write(b"in progress")
+    assert store.remove_stale_tmp(older_than_seconds=3600) == 1
+    assert _names(store.layout.tmp) == [live.queue_id]
+    await live.commit(_envelope(live.queue_id))
+    assert store.scan_incoming() == [live.queue_id]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_corrupt_entry_is_moved_aside_not_delivered(store):
+    """A truncated file is quarantined in corrupt/ and claim() returns None."""
+    queue_id = await _queue(store)
+    path = store.layout.entry_path("incoming", queue_id)
+    os.truncate(path, os.path.getsize(path) - 5)
+    assert store.claim(queue_id, "w0", "incoming") is None
+    assert _names(store.layout.corrupt) == [queue_id]
+    assert store.counts()["active"] == 0

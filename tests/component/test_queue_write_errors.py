@@ -1,0 +1,197 @@
+"""Queue write failures: the right 4xx reply, no partial file, and the store goes on.
+
+Two kinds of failure: a real full file system (a 256 KiB tmpfs mounted for the test; we
+run as root on CI and the developers' machines, and the test is skipped where mounting is
+not permitted), and errors a disk can give but a test cannot provoke (EIO, EROFS, EDQUOT,
+a failing fsync), injected through the store's FileSystem seam.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import time
+
+import pytest
+import pytest_twisted
+
+from twistedrelay.queue.entry import Envelope, Recipient
+from twistedrelay.queue.store import FileSystem, QueueStore, QueueWriteError
+from twistedrelay.smtp import replies
+
+
+def _envelope(queue_id: str) -> Envelope:
+    return Envelope(queue_id, "sender@example.org", (Recipient("rcpt@example.net"),), time.time())
+
+
+def _open_store(directory, filesystem=None):
+    from twisted.internet import reactor
+
+    QueueStore.create(directory)
+    return QueueStore(directory, reactor, filesystem=filesystem)
+
+
+async def _commit(store, body: bytes) -> tuple[str, QueueWriteError | None]:
+    message = store.open_message()
+    message.write(body)
+    try:
+        await message.commit(_envelope(message.queue_id))
+    except QueueWriteError as error:
+        return message.queue_id, error
+    return message.queue_id, None
+
+
+def _entries(store) -> list[str]:
+    layout = store.layout
+    return sorted(os.listdir(layout.tmp) + os.listdir(layout.incoming))
+
+
+class _FailingWriter:
+    """A file whose write() fails like a full or broken disk."""
+
+    def __init__(self, file, error):
+        self._file = file
+        self._error = error
+
+    def write(self, data):
+        raise self._error
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+
+class FailingFileSystem(FileSystem):
+    """Fails one commit-path step, once, with a given errno."""
+
+    def __init__(self, step: str, number: int):
+        self.step = step
+        self.error = OSError(number, os.strerror(number))
+        self.armed = True
+
+    def _maybe_fail(self, step):
+        if self.armed and step == self.step:
+            self.armed = False
+            raise self.error
+
+    def create_exclusive(self, path):
+        self._maybe_fail("create")
+        file = super().create_exclusive(path)
+        if self.armed and self.step == "write":
+            self.armed = False
+            return _FailingWriter(file, self.error)
+        return file
+
+    def sync_file(self, file):
+        self._maybe_fail("sync_file")
+        super().sync_file(file)
+
+    def rename(self, source, destination):
+        self._maybe_fail("rename")
+        super().rename(source, destination)
+
+    def sync_directory(self, path):
+        self._maybe_fail("sync_directory")
+        super().sync_directory(path)
+
+
+@pytest.mark.parametrize("step", ["create", "write", "sync_file", "rename", "sync_directory"])
+@pytest.mark.parametrize(
+    ("number", "reply"),
+    [
+        (errno.ENOSPC, replies.INSUFFICIENT_STORAGE),
+        (errno.EDQUOT, replies.INSUFFICIENT_STORAGE),
+        (errno.EIO, replies.LOCAL_ERROR),
+        (errno.EROFS, replies.LOCAL_ERROR),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_injected_error_gives_its_reply_and_removes_the_partial_file(
+    tmp_path, step, number, reply
+):
+    """Each failing step errbacks with 452 4.3.1 (full) or 451 4.3.0; nothing is left."""
+    store = _open_store(str(tmp_path / "queue"), FailingFileSystem(step, number))
+    try:
+        _, error = await _commit(store, b"Subject: x\r\n\r\nbody\r\n")
+        assert error is not None
+        assert error.reply == reply
+        assert error.error_number == number
+        assert _entries(store) == []
+        queue_id, error = await _commit(store, b"Subject: y\r\n\r\nbody\r\n")
+        assert error is None
+        assert store.scan_incoming() == [queue_id]
+    finally:
+        store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_write_error_marks_the_message_failed_before_commit(tmp_path):
+    """The session can learn of a write error early (and stop buffering the body)."""
+    store = _open_store(str(tmp_path / "queue"), FailingFileSystem("write", errno.EIO))
+    try:
+        message = store.open_message()
+        message.write(b"data")
+        assert message.failed
+        assert _entries(store) == [], "the partial file is removed at once"
+        message.write(b"more data is ignored")
+        with pytest.raises(QueueWriteError):
+            await message.commit(_envelope(message.queue_id))
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 256 KiB tmpfs: a real file system that fills up."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(mount_point)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_full_disk_during_data_gives_452_and_the_next_message_commits(small_fs):
+    """A body larger than the disk fails with 452 4.3.1; a small one is then accepted."""
+    store = _open_store(str(small_fs / "queue"))
+    try:
+        _, error = await _commit(store, b"x" * (512 * 1024))
+        assert error is not None
+        assert error.reply == replies.INSUFFICIENT_STORAGE
+        assert _entries(store) == []
+        queue_id, error = await _commit(store, b"y" * 1024)
+        assert error is None
+        entry = store.claim(queue_id, "w0", "incoming")
+        with entry.open_content() as content:
+            assert content.read() == b"y" * 1024
+    finally:
+        store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_full_disk_at_commit_gives_452_and_the_next_message_commits(small_fs):
+    """A body that fits the write buffer fails at the commit's flush, in the pool thread."""
+    store = _open_store(str(small_fs / "queue"))
+    try:
+        with open(small_fs / "filler", "wb") as filler:
+            filler.write(b"f" * (200 * 1024))
+        message = store.open_message()
+        message.write(b"z" * (60 * 1024))
+        assert not message.failed, "still in the write buffer"
+        with pytest.raises(QueueWriteError) as raised:
+            await message.commit(_envelope(message.queue_id))
+        assert raised.value.reply == replies.INSUFFICIENT_STORAGE
+        assert _entries(store) == []
+        queue_id, error = await _commit(store, b"w" * 1024)
+        assert error is None
+        assert store.scan_incoming() == [queue_id]
+    finally:
+        store.close()
