@@ -32,6 +32,7 @@ import os
 import secrets
 import sys
 import tempfile
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,21 +198,16 @@ class UsersFile:
         self.path = path
         self._users: dict[str, User] | None = None
         self._signature: tuple[int, int, int] | None = None
+        # Lookups come from the thread pool (logins) and the reactor thread (MAIL FROM).
+        self._lock = threading.Lock()
 
     def reload(self) -> None:
         """Read the file now.
 
         :raises UsersFileError: the file cannot be read or has a bad line.
         """
-        self._users = None
-        try:
-            with self.path.open("rb") as f:
-                stat = os.fstat(f.fileno())
-                text = f.read().decode("utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsersFileError(f"{self.path}: cannot read: {e}") from None
-        self._signature = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
-        self._users = parse_users(text, str(self.path))
+        with self._lock:
+            self._load()
 
     def lookup(self, name: str) -> User | None:
         """The user called ``name``, re-reading the file first if it changed.
@@ -223,10 +219,23 @@ class UsersFile:
             signature = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
         except OSError:
             signature = None
-        if self._users is None or signature != self._signature:
-            self.reload()
-        assert self._users is not None  # reload() either set it or raised
-        return self._users.get(name)
+        with self._lock:
+            users = self._users
+            if users is None or signature != self._signature:
+                users = self._load()
+        return users.get(name)
+
+    def _load(self) -> dict[str, User]:
+        self._users = None
+        try:
+            with self.path.open("rb") as f:
+                stat = os.fstat(f.fileno())
+                text = f.read().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsersFileError(f"{self.path}: cannot read: {e}") from None
+        users = parse_users(text, str(self.path))
+        self._users, self._signature = users, (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        return users
 
     def check_password(self, name: str, password: str) -> bool:
         """Whether ``password`` is ``name``'s; slow (scrypt) and blocking, so call it in a thread.
@@ -254,7 +263,9 @@ class UsersFileChecker:
 
     credentialInterfaces = (credentials.IUsernamePassword,)
 
-    def __init__(self, users: UsersFile, reactor: IReactorFromThreads, threadpool: ThreadPool):
+    def __init__(
+        self, users: UsersFile, reactor: IReactorFromThreads, threadpool: ThreadPool
+    ) -> None:
         self._users = users
         self._reactor = reactor
         self._threadpool = threadpool

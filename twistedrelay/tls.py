@@ -67,11 +67,6 @@ class ServerTLS:
         """
         self._context = self._build_context()
 
-    @property
-    def context(self) -> SSL.Context:
-        """The OpenSSL context new connections use."""
-        return self._context
-
     def serverConnectionForTLS(self, tls_protocol: TLSMemoryBIOProtocol) -> SSL.Connection:  # noqa: N802
         """Twisted's IOpenSSLServerConnectionCreator: one connection on the current context."""
         return SSL.Connection(self._context, None)
@@ -89,6 +84,12 @@ class ServerTLS:
             context.use_certificate(chain[0])
             for intermediate in chain[1:]:
                 context.add_extra_chain_cert(intermediate)
+        except SSL.Error as e:
+            # e.g. a key too weak for OpenSSL's security level
+            raise ConfigError(
+                self.source, "tls.certificate", f"{self.certificate}: {_ssl_reason(e)}"
+            ) from None
+        try:
             context.use_privatekey(key)
             context.check_privatekey()
         except SSL.Error as e:
@@ -286,7 +287,10 @@ class _UnverifiedClientCreator:
         connection = SSL.Connection(self._context, None)
         # RFC 6066 §3: SNI carries DNS names only, never an address literal.
         if not _is_ip_address(self._hostname):
-            connection.set_tlsext_host_name(self._hostname.encode("idna"))
+            try:
+                connection.set_tlsext_host_name(self._hostname.encode("idna"))
+            except UnicodeError:
+                pass  # a name IDNA cannot encode: go without SNI, as nothing is verified
         connection.set_connect_state()
         return connection
 

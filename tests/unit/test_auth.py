@@ -158,12 +158,11 @@ def test_missing_users_file_names_the_file(tmp_path: Path):
         UsersFile(tmp_path / "nope").reload()
 
 
-def test_unknown_user_does_not_match():
+def test_unknown_user_does_not_match(tmp_path: Path):
     """An unknown user is refused (after a dummy hash, for equal timing)."""
-    users = UsersFile(Path("/nonexistent"))
-    users._users = {}  # loaded, empty
-    users._signature = None
-    assert not users.check_password("nobody", "pw")
+    path = tmp_path / "users"
+    path.write_text("# nobody here\n")
+    assert not UsersFile(path).check_password("nobody", "pw")
 
 
 # -- sender ownership ----------------------------------------------------------------------
