@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
+from twisted.web.pages import notFound
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from typing_extensions import override
@@ -50,12 +51,21 @@ class _QuietSite(Site):
         """Log nothing."""
 
 
+class _Root(Resource):
+    """Serves its children; anything else is a plain 404."""
+
+    @override
+    def getChild(self, path: bytes, request: Request) -> Resource:  # type: ignore[override]
+        """Unknown path: not found."""
+        return notFound()
+
+
 def build_metrics_resource(registry: CollectorRegistry) -> Resource:
     """A root resource serving ``registry`` at ``/metrics`` (other paths answer 404).
 
     :param registry: e.g. from ``metrics.build_master_registry``.
     """
-    root = Resource()
+    root = _Root()
     root.putChild(b"metrics", MetricsResource(registry))
     return root
 
@@ -68,6 +78,11 @@ def start_metrics_server(
     :returns: the listening port; ``stopListening()`` it when the master stops.
     :raises twisted.internet.error.CannotListenError: the address is taken or not local.
     """
+    return reactor.listenTCP(endpoint.port, build_metrics_site(registry), interface=endpoint.host)
+
+
+def build_metrics_site(registry: CollectorRegistry) -> Site:
+    """The HTTP site serving ``/metrics`` from ``registry``, without per-scrape access logs."""
     site = _QuietSite(build_metrics_resource(registry))
     site.noisy = False
-    return reactor.listenTCP(endpoint.port, site, interface=endpoint.host)
+    return site
