@@ -20,14 +20,22 @@ from typing import Any
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
-from twisted.internet.interfaces import IAddress, IDelayedCall
+from twisted.internet.interfaces import IAddress, IDelayedCall, IHandshakeListener
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from typing_extensions import override
+from zope.interface import implementer
 
-from twistedrelay.auth import Authenticator, Credentials, LoginThrottle, SASLError, SASLExchange
+from twistedrelay.auth import (
+    Authenticator,
+    Credentials,
+    LoginThrottle,
+    SASLError,
+    SASLExchange,
+    UsersFileError,
+)
 from twistedrelay.config import Config
 from twistedrelay.eventlog import MailLog
 from twistedrelay.hooks import (
@@ -182,6 +190,7 @@ class _RefusingProtocol(Protocol):
         self.transport.loseConnection()
 
 
+@implementer(IHandshakeListener)
 class SMTPServerProtocol(Protocol):
     """One inbound SMTP session: ServerSession ↔ transport, decisions, queue file."""
 
@@ -213,7 +222,8 @@ class SMTPServerProtocol(Protocol):
         self.parts.metrics.session_opened(self.listener)
         self.parts.maillog.connect(self.client_address, self.client_port, self.listener)
         if self.listener == "submissions":
-            self.tls = describe_tls(self.transport)
+            # Implicit TLS: the handshake comes first; handshakeCompleted() names the cipher.
+            self.tls = "TLS"
             self.session.tls_started(self._settings())
         self._reset_idle_timer()
         self._write(self.session.greeting(), 220)
@@ -372,7 +382,7 @@ class SMTPServerProtocol(Protocol):
             and auth.restrict_sender
             and self.parts.authenticator is not None
             and event.sender
-            and not self.parts.authenticator.may_send_as(user, event.sender)
+            and not self._may_send_as(user, event.sender)
         ):
             self._rejected("MAIL", replies.SENDER_NOT_OWNED, sender=event.sender)
             return replies.SENDER_NOT_OWNED
@@ -381,6 +391,14 @@ class SMTPServerProtocol(Protocol):
             replies.SENDER_OK,
             lambda: MailContext(**self._hook_fields(), sender=event.sender, params=event.params),
         )
+
+    def _may_send_as(self, user: str, sender: str) -> bool:
+        assert self.parts.authenticator is not None
+        try:
+            return self.parts.authenticator.may_send_as(user, sender)
+        except UsersFileError as e:
+            _log.error("users file unusable: {error}", error=e)
+            return False
 
     def _on_rcpt(self, event: RcptTo) -> Reply | defer.Deferred[Reply]:
         # Core relay policy first; its refusal is final (plugins may only narrow it).
@@ -530,12 +548,11 @@ class SMTPServerProtocol(Protocol):
         self.tls = "TLS"
         self.session.tls_started(self._settings())
         self.notes = Notes()
-        # The handshake completes before the client's next command can be read; describe it
-        # then (the cipher is unknown until the handshake is done).
-        self.parts.reactor.callLater(0, self._describe_tls)
 
-    def _describe_tls(self) -> None:
-        self.tls = describe_tls(self.transport) or self.tls
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: the TLS handshake is done (STARTTLS or implicit TLS)."""
+        self.tls = describe_tls(self.transport) or "TLS"
+        self.parts.metrics.tls_handshake("inbound", True)
 
     def _on_auth(self, event: Auth) -> Reply | defer.Deferred[Reply]:
         if self.parts.authenticator is None or not self._auth_offered():
