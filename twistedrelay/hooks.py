@@ -666,10 +666,14 @@ class PluginEnvironment:
     :ivar name: the plugin's name as enabled (the key for ``ctx.notes`` and results).
     :ivar state_directory: a directory the plugin may keep state in, shared by all worker
         processes; None when the relay did not provide one.
+    :ivar run_in_thread: ``run_in_thread(function, *args)`` runs blocking work (signing a
+        large message, say) in the reactor's thread pool and returns a Deferred of its
+        result; None when the relay offers no thread pool (then run the work inline).
     """
 
     name: str
     state_directory: Path | None = None
+    run_in_thread: Callable[..., defer.Deferred[Any]] | None = None
 
 
 def plugin_state_directory(config: Config) -> Path:
@@ -685,6 +689,7 @@ def load_plugins(
     clock: IReactorTime,
     source: str = "<config>",
     state_directory: Path | None = None,
+    run_in_thread: Callable[..., defer.Deferred[Any]] | None = None,
 ) -> HookRunner:
     """Import, set up and order the enabled plugins.
 
@@ -697,6 +702,8 @@ def load_plugins(
     :param clock: passed to the HookRunner.
     :param source: the config file name, for errors.
     :param state_directory: given to plugins as ``environment.state_directory``.
+    :param run_in_thread: given to plugins as ``environment.run_in_thread``; the composition
+        root passes ``partial(threads.deferToThreadPool, reactor, reactor.getThreadPool())``.
     :raises ConfigError: an unknown plugin, a plugin enabled twice, settings for a plugin
         that is not enabled, a setting the plugin refuses, or a misnamed hook function.
     """
@@ -706,7 +713,7 @@ def load_plugins(
             if any(p.name == name for p in loaded):
                 raise ConfigError(source, "plugins.enabled", f"plugin {name!r} is enabled twice")
             settings = plugins.settings.get(name, {})
-            environment = PluginEnvironment(name, state_directory)
+            environment = PluginEnvironment(name, state_directory, run_in_thread)
             loaded.append(_load_one(name, settings, environment, source))
         for name in plugins.settings:
             if name not in plugins.enabled:
