@@ -20,7 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from twistedrelay.bench.behaviour import Faults, SinkBehaviour, Stage
-from twistedrelay.bench.sink_server import DEFAULT_MAX_SIZE, SinkConfig, SinkFactory
+from twistedrelay.bench.sink_server import (
+    DEFAULT_MAX_SIZE,
+    SinkConfig,
+    SinkFactory,
+    load_tls_options,
+)
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
@@ -32,24 +37,6 @@ def parse_host_port(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise ValueError(f"expected host:port, got {text!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
-
-
-def load_tls_options(certificate_path: Path, key_path: Path) -> Any:
-    """Server TLS options from a PEM chain file (leaf first) and a PEM private key.
-
-    :returns: a ``twisted.internet.ssl.CertificateOptions`` for ``startTLS``.
-    """
-    from twisted.internet import ssl
-
-    pem = certificate_path.read_bytes()
-    marker = b"-----BEGIN CERTIFICATE-----"
-    certificates = [
-        ssl.Certificate.loadPEM(marker + chunk).original for chunk in pem.split(marker)[1:]
-    ]
-    key = ssl.KeyPair.load(key_path.read_bytes(), ssl.FILETYPE_PEM).original
-    return ssl.CertificateOptions(
-        privateKey=key, certificate=certificates[0], extraCertChain=certificates[1:]
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,10 +25,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import SSL
+from twisted.internet import defer
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IOpenSSLServerConnectionCreator,
+    IReactorTime,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from typing_extensions import override
+from zope.interface import implementer
 
 from twistedrelay.bench.behaviour import Action, SinkBehaviour, Stage, StageContext
 from twistedrelay.bench.stats import SequenceTracker, extract_header
@@ -111,8 +120,8 @@ class SinkConfig:
     """Keep every accepted message in :attr:`SinkFactory.messages` (tests)."""
     save_dir: Path | None = None
     sequence_header: str | None = None
-    tls_options: Any = None
-    """Server TLS options (``twisted.internet.ssl.CertificateOptions``): offers STARTTLS."""
+    tls_options: SinkTLS | None = None
+    """Server TLS (see :func:`load_tls_options`): when set, the sink offers STARTTLS."""
 
 
 class SinkFactory(Factory):
@@ -129,6 +138,7 @@ class SinkFactory(Factory):
         self.messages: list[ReceivedMessage] = []
         self.message_listeners: list[Callable[[ReceivedMessage | None], None]] = []
         self.connections: set[SinkProtocol] = set()
+        self._no_connection_waiters: list[defer.Deferred[None]] = []
         self._saved = 0
         self.ends_of_data = 0
         """Ends of data seen, accepted or not: :attr:`StageContext.message_number`."""
@@ -203,6 +213,27 @@ class SinkFactory(Factory):
         tmp.write_bytes(b"".join(envelope) + message.content)
         tmp.rename(path)
 
+    def connection_closed(self, protocol: SinkProtocol) -> None:
+        """Forget a closed connection; wake whoever waits for no connections left."""
+        if protocol not in self.connections:
+            return
+        self.connections.discard(protocol)
+        self.stats.connections_current = len(self.connections)
+        if not self.connections:
+            waiters, self._no_connection_waiters = self._no_connection_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def close_connections(self) -> defer.Deferred[None]:
+        """Abort every open connection; fires once all of them are gone."""
+        if not self.connections:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._no_connection_waiters.append(waiter)
+        for protocol in list(self.connections):
+            protocol.transport.abortConnection()
+        return waiter
+
     def refused(self, code: int) -> None:
         """Count one refusal (any reply of 400 or more) by its code."""
         refusals = self.stats.refusals
@@ -276,10 +307,7 @@ class SinkProtocol(Protocol):
         self._closed = True
         if self._delayed is not None and self._delayed.active():
             self._delayed.cancel()
-        factory = self.factory
-        if self in factory.connections:
-            factory.connections.discard(self)
-            factory.stats.connections_current = len(factory.connections)
+        self.factory.connection_closed(self)
 
     # -- the loop over one received chunk ----------------------------------------------
 
@@ -492,9 +520,10 @@ class SinkProtocol(Protocol):
         self._reset()
         content: bytes | None = None
         if self._parts is not None:
-            # RFC 5321 §4.5.2: remove the dot added in front of lines starting with a dot.
+            # RFC 5321 §4.5.2: a line that starts with a dot loses that dot (the content
+            # holds no lone-dot line: that was the terminator).
             joined = b"\r\n" + b"".join(self._parts)
-            content = joined.replace(b"\r\n..", b"\r\n.")[2:]
+            content = joined.replace(b"\r\n.", b"\r\n")[2:]
             self._parts = None
         head = b"".join(self._head) if self._head is not None else None
         self._head = None
@@ -585,6 +614,35 @@ class SinkProtocol(Protocol):
             return
         self._paused = False
         self._run()
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class SinkTLS:
+    """Server TLS for the sink's STARTTLS: one pyOpenSSL context, any client accepted."""
+
+    def __init__(self, context: SSL.Context) -> None:
+        self.context = context
+
+    def serverConnectionForTLS(self, tls_protocol: Any) -> SSL.Connection:  # noqa: N802
+        """Twisted's IOpenSSLServerConnectionCreator: a connection on the context."""
+        return SSL.Connection(self.context, None)
+
+
+def load_tls_options(certificate_path: Path, key_path: Path) -> SinkTLS:
+    """Server TLS from a PEM chain file (leaf first) and a PEM private key, for STARTTLS.
+
+    :raises ValueError: when a file holds no certificate or key.
+    :raises OpenSSL.SSL.Error: when the key does not match the certificate.
+    """
+    chain = x509.load_pem_x509_certificates(certificate_path.read_bytes())
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    context.use_certificate(chain[0])
+    for intermediate in chain[1:]:
+        context.add_extra_chain_cert(intermediate)
+    context.use_privatekey(key)
+    context.check_privatekey()
+    return SinkTLS(context)
 
 
 _SENDER_OK = replies.SENDER_OK.to_bytes()
