@@ -1,0 +1,128 @@
+"""Stand-in worker payloads for the process tests (see process/worker.py, WorkerPayload).
+
+They let the master/worker machinery be tested without the SMTP server or the delivery
+engine: each answers a connection with a one-line banner that names the worker's pid, slot
+and current hostname, then closes it, so a test can tell which worker accepted and whether a
+reload reached it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from twisted.application.service import IService, Service
+from twisted.internet import defer
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from typing_extensions import override
+
+from twistedrelay.config import Config
+from twistedrelay.process.worker import InheritedSocket
+
+log = Logger()
+
+#: Longer than any shutdown bound a test sets, shorter than a forgotten process should live.
+BLOCK_SECONDS = 60
+
+
+def banner(hostname: str, slot: int) -> bytes:
+    """The line the stand-in sends: "220 <hostname> pid=<pid> slot=<slot>"."""
+    return f"220 {hostname} pid={os.getpid()} slot={slot}\r\n".encode("ascii")
+
+
+class _BannerProtocol(Protocol):
+    @override
+    def connectionMade(self) -> None:
+        service: BannerService = self.factory.service  # type: ignore[attr-defined]
+        self.transport.write(banner(service.config.hostname, service.slot))  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+
+class BannerService(Service):
+    """Accepts on every inherited socket and answers each connection with :func:`banner`."""
+
+    def __init__(
+        self,
+        config: Config,
+        slot: int,
+        reactor: Any,
+        sockets: Mapping[str, Sequence[InheritedSocket]],
+    ) -> None:
+        self.config = config
+        self.slot = slot
+        self._reactor = reactor
+        self._sockets = sockets
+        self._ports: list[IListeningPort] = []
+
+    @override
+    def startService(self) -> None:
+        super().startService()
+        factory = Factory.forProtocol(_BannerProtocol)
+        factory.noisy = False
+        factory.service = self  # type: ignore[attr-defined]
+        for inherited in (s for group in self._sockets.values() for s in group):
+            self._ports.append(inherited.adopt(self._reactor, factory))
+
+    @override
+    def stopService(self) -> defer.Deferred[object]:
+        super().stopService()
+        ports, self._ports = self._ports, []
+        return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
+
+    def reload_config(self, config: Config) -> None:
+        """Take the new hostname into later banners."""
+        self.config = config
+        log.info("banner payload reloaded: hostname={hostname}", hostname=config.hostname)
+
+
+class StubbornService(BannerService):
+    """A banner service whose drain never finishes, to test the worker's bound on it."""
+
+    @override
+    def stopService(self) -> defer.Deferred[object]:
+        super().stopService()
+        return defer.Deferred()
+
+
+class BlockingService(BannerService):
+    """A banner service that blocks its reactor when asked to stop, as a wedged worker would."""
+
+    @override
+    def stopService(self) -> defer.Deferred[object]:
+        time.sleep(BLOCK_SECONDS)
+        return super().stopService()
+
+
+def pid_banner_payload(
+    config: Config, slot: int, reactor: Any, sockets: Mapping[str, Sequence[InheritedSocket]]
+) -> IService:
+    """A payload answering each connection with its pid (a WorkerPayload)."""
+    return BannerService(config, slot, reactor, sockets)
+
+
+def stubborn_payload(
+    config: Config, slot: int, reactor: Any, sockets: Mapping[str, Sequence[InheritedSocket]]
+) -> IService:
+    """A payload that never finishes draining (a WorkerPayload)."""
+    return StubbornService(config, slot, reactor, sockets)
+
+
+def blocking_payload(
+    config: Config, slot: int, reactor: Any, sockets: Mapping[str, Sequence[InheritedSocket]]
+) -> IService:
+    """A payload that wedges its worker while draining, so only SIGKILL ends it."""
+    return BlockingService(config, slot, reactor, sockets)
+
+
+def crashing_payload(
+    config: Config, slot: int, reactor: Any, sockets: Mapping[str, Sequence[InheritedSocket]]
+) -> IService:
+    """A payload that fails to build, so its worker exits at once (a WorkerPayload).
+
+    :raises RuntimeError: always.
+    """
+    raise RuntimeError("stand-in payload failing on purpose")
