@@ -1,27 +1,37 @@
 """The ``/metrics`` HTTP endpoint the master serves (twisted.web).
 
-Owns only the HTTP side: content negotiation (Prometheus text or OpenMetrics) and the
-listening site. What is collected is decided by the registry it is given
-(``metrics.build_master_registry``). A scrape never touches the queue directory: the queue
-gauges come from a cache (``metrics.QueueGaugeCollector``), so rendering stays well under
-100 ms however large the queue.
+Owns only the HTTP side: content negotiation (Prometheus text or OpenMetrics), the
+listening site, and :class:`MetricsService`, which adopts the socket the master bound (so the
+port may be privileged and survives worker restarts) and keeps the queue gauges counted.
+What is collected is decided by the registry (``metrics.build_master_registry``). A scrape
+never touches the queue directory: the queue gauges come from a cache
+(``metrics.QueueGaugeCollector``), so rendering stays well under 100 ms however large the
+queue.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import os
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
+from twisted.application.service import IService, Service
+from twisted.logger import Logger
 from twisted.web.pages import notFound
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from typing_extensions import override
 
+from twistedrelay.metrics import QueueGaugeCollector, build_master_registry
+
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IListeningPort, IReactorTCP
 
     from twistedrelay.config import Endpoint
+    from twistedrelay.process.sockets import BoundSocket
 
 
 class MetricsResource(Resource):
@@ -86,3 +96,68 @@ def build_metrics_site(registry: CollectorRegistry) -> Site:
     site = _QuietSite(build_metrics_resource(registry))
     site.noisy = False
     return site
+
+
+class MetricsService(Service):
+    """Serves ``/metrics`` on a socket the master bound, and keeps the queue gauges counted.
+
+    :param reactor: must provide IReactorSocket (``adoptStreamPort``) and IReactorTime.
+    :param sock: a bound, listening, non-blocking socket; the service adopts a duplicate and
+        never closes the original.
+    :param registry: what to serve.
+    :param queue_collector: started and stopped with the service, when given.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        sock: socket.socket,
+        registry: CollectorRegistry,
+        queue_collector: QueueGaugeCollector | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self._sock = sock
+        self._registry = registry
+        self._queue_collector = queue_collector
+        self.port: IListeningPort | None = None
+
+    @override
+    def startService(self) -> None:
+        """Start listening and counting."""
+        super().startService()
+        site = _QuietSite(build_metrics_resource(self._registry))
+        site.noisy = False
+        self.port = self._reactor.adoptStreamPort(self._sock.fileno(), self._sock.family, site)
+        if self._queue_collector is not None:
+            self._queue_collector.start()
+        self.log.info("serving metrics on {address}", address=self._sock.getsockname())
+
+    @override
+    def stopService(self) -> Any:
+        """Stop counting and close the adopted port (the master's socket stays open)."""
+        super().stopService()
+        if self._queue_collector is not None:
+            self._queue_collector.stop()
+        port, self.port = self.port, None
+        return port.stopListening() if port is not None else None
+
+
+def metrics_service_factory(
+    reactor: Any,
+    queue_directory: str | os.PathLike[str],
+    interval_seconds: float = 5.0,
+) -> Callable[[BoundSocket, str], IService]:
+    """What the master calls with its bound ``[metrics] listen`` socket and metrics directory.
+
+    The service it builds serves the workers' summed metrics plus the queue gauges, counted
+    every ``interval_seconds`` in ``queue_directory``.
+    """
+
+    def build(bound: BoundSocket, multiprocess_directory: str) -> IService:
+        collector = QueueGaugeCollector(queue_directory, reactor, interval_seconds)
+        registry = build_master_registry(multiprocess_directory, collector)
+        return MetricsService(reactor, bound.sock, registry, collector)
+
+    return build

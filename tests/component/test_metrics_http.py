@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.task import deferLater
 from twisted.web.client import Agent, readBody
 
 from twistedrelay.config import Endpoint
@@ -22,7 +23,8 @@ from twistedrelay.metrics import (
     prepare_multiprocess_dir,
     worker_environment,
 )
-from twistedrelay.metrics_http import start_metrics_server
+from twistedrelay.metrics_http import metrics_service_factory, start_metrics_server
+from twistedrelay.process.sockets import bind_listener
 from twistedrelay.queue.ids import QueueIdGenerator
 
 WORKER = """
@@ -79,11 +81,11 @@ def workers_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def master(tmp_path: Path, workers_dir: Path):
-    """A master registry (the two workers, a 2,000-entry queue) served on loopback."""
+    """A master registry (the two workers, a 400-entry queue) served on loopback."""
     from twisted.internet import reactor
 
     directory = workers_dir
-    oldest = make_queue(tmp_path / "queue", incoming=1500, deferred=500)
+    oldest = make_queue(tmp_path / "queue", incoming=300, deferred=100)
     collector = QueueGaugeCollector(tmp_path / "queue", reactor, interval_seconds=5.0)
     registry = build_master_registry(directory, collector)
     port = start_metrics_server(reactor, Endpoint("127.0.0.1", 0), registry)
@@ -116,7 +118,7 @@ async def test_scrape_sums_workers_and_reports_queue_counts(master):
         state: samples[("twistedrelay_queue_messages", (("state", state),))]
         for state in ("incoming", "active", "deferred", "hold")
     }
-    assert queue == {"incoming": 1500.0, "active": 0.0, "deferred": 500.0, "hold": 0.0}
+    assert queue == {"incoming": 300.0, "active": 0.0, "deferred": 100.0, "hold": 0.0}
     age = samples[("twistedrelay_queue_oldest_age_seconds", ())]
     assert 0.0 <= (time.time() - oldest) - age < 60.0
 
@@ -133,9 +135,9 @@ async def test_scrape_follows_the_queue_after_the_next_count(master, tmp_path: P
     assert registry_value == 0
     await collector.count_now()
     assert collector.counts.by_state == {
-        "incoming": 1400,
+        "incoming": 200,
         "active": 100,
-        "deferred": 500,
+        "deferred": 100,
         "hold": 0,
     }
 
@@ -188,3 +190,29 @@ async def test_promtool_accepts_a_real_scrape(master):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == "" and result.stderr.strip() == ""
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_service_serves_on_the_masters_bound_socket(tmp_path: Path, workers_dir):
+    """The master's service adopts its bound socket, counts the queue and stops cleanly."""
+    from twisted.internet import reactor
+
+    make_queue(tmp_path / "queue", incoming=3, deferred=2)
+    bound = bind_listener("metrics", Endpoint("127.0.0.1", 0))
+    try:
+        service = metrics_service_factory(reactor, tmp_path / "queue")(bound, str(workers_dir))
+        service.startService()
+        try:
+            url = f"http://127.0.0.1:{bound.port}/metrics".encode()
+            deadline = time.monotonic() + 10
+            while True:
+                _, _, body = await fetch(url)
+                if b'twistedrelay_queue_messages{state="incoming"} 3.0' in body:
+                    break
+                assert time.monotonic() < deadline, body
+                await deferLater(reactor, 0.05)
+            assert b"twistedrelay_messages_received_total 7.0" in body
+        finally:
+            await service.stopService()
+    finally:
+        bound.sock.close()
