@@ -110,6 +110,8 @@ class SMTPServerFactory(ServerFactory):
         required) or "submissions" (465: implicit TLS, AUTH required).
     """
 
+    noisy = False
+
     def __init__(self, parts: InboundParts, listener: str) -> None:
         if listener not in LISTENER_MODES:
             raise ValueError(f"unknown listener mode {listener!r}")

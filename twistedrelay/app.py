@@ -1,0 +1,136 @@
+"""The composition root: twistd's Options and makeService, and the worker payload.
+
+Only this module knows every part. ``makeService`` builds the master (process/master.py),
+which binds the sockets and spawns the workers; each worker calls
+:func:`build_worker_service`, which wires the queue, the inbound SMTP server, hooks, policy,
+metrics, the mail log and the delivery engine together. Everything else receives its
+collaborators as arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.interfaces import IListeningPort
+from twisted.python import usage
+from typing_extensions import override
+
+from twistedrelay.auth import Authenticator, UsersFile
+from twistedrelay.config import Config, ConfigError, load_config
+from twistedrelay.delivery.service import build_delivery_service
+from twistedrelay.eventlog import MailLog
+from twistedrelay.hooks import load_plugins
+from twistedrelay.metrics import QueueGaugeCollector, RelayMetrics, build_master_registry
+from twistedrelay.metrics_http import build_metrics_site
+from twistedrelay.policy import RelayPolicy
+from twistedrelay.process.master import MasterService
+from twistedrelay.process.sockets import BoundSocket
+from twistedrelay.process.worker import DEFAULT_PAYLOAD, InheritedSocket
+from twistedrelay.queue.store import QueueStore
+from twistedrelay.smtp.inbound import InboundService
+from twistedrelay.smtp.server import InboundParts
+from twistedrelay.tls import ServerTLS
+
+
+class Options(usage.Options):
+    """``twistd twistedrelay`` options."""
+
+    optParameters = [
+        ["config", "c", None, "relay.toml to use (default: the embedded default)"],
+    ]
+
+    @override
+    def postOptions(self) -> None:
+        # Check the config before twistd binds anything or daemonizes: errors name the key.
+        try:
+            self["relay_config"] = load_config(self["config"])
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def makeService(options: Options) -> IService:
+    """Build the master service tree (twistd calls this)."""
+    from twisted.internet import reactor
+
+    config: Config = options["relay_config"]
+    return MasterService(
+        config,
+        options["config"],
+        reactor,
+        payload=DEFAULT_PAYLOAD,
+        metrics_service=lambda bound, directory: MetricsService(config, bound, directory),
+    )
+
+
+class MetricsService(Service):
+    """The master's /metrics endpoint: workers' sums plus the queue gauges, on a bound socket."""
+
+    def __init__(self, config: Config, bound: BoundSocket, directory: str) -> None:
+        from twisted.internet import reactor
+
+        self._reactor: Any = reactor
+        self.bound = bound
+        self.queue_gauges = QueueGaugeCollector(config.queue.directory, reactor)
+        self.registry = build_master_registry(directory, self.queue_gauges)
+        self._port: IListeningPort | None = None
+
+    @override
+    def startService(self) -> None:
+        super().startService()
+        self.queue_gauges.start()
+        site = build_metrics_site(self.registry)
+        self._port = self._reactor.adoptStreamPort(
+            self.bound.sock.fileno(), self.bound.sock.family, site
+        )
+
+    @override
+    def stopService(self) -> Any:
+        super().stopService()
+        self.queue_gauges.stop()
+        if self._port is not None:
+            port, self._port = self._port, None
+            return port.stopListening()
+        return None
+
+
+def build_worker_service(
+    config: Config, slot: int, reactor: Any, sockets: Mapping[str, Sequence[InheritedSocket]]
+) -> IService:
+    """The worker payload: inbound SMTP on the inherited sockets plus the delivery engine."""
+    service = MultiService()
+    store = QueueStore(str(config.queue.directory), reactor)
+    metrics = RelayMetrics.for_worker()
+    maillog = MailLog()
+    hooks = load_plugins(
+        config.plugins, reactor, config.source, state_directory=config.queue.directory
+    )
+    server_tls = None
+    if config.tls.certificate and config.tls.private_key:
+        server_tls = ServerTLS(config.tls.certificate, config.tls.private_key, config.source)
+    authenticator = None
+    if config.auth.users_file:
+        authenticator = Authenticator(
+            UsersFile(config.auth.users_file), reactor, reactor.getThreadPool()
+        )
+    delivery = build_delivery_service(
+        config, slot, reactor, store=store, metrics=metrics, maillog=maillog, hooks=hooks
+    )
+    parts = InboundParts(
+        config=config,
+        reactor=reactor,
+        store=store,
+        policy=RelayPolicy(config.relay.mynetworks, config.relay.domains),
+        hooks=hooks,
+        maillog=maillog,
+        metrics=metrics,
+        on_queued=delivery.notify_queued,
+        server_tls=server_tls,
+        authenticator=authenticator,
+    )
+    # Inbound stops first (stop accepting, drain sessions), then delivery requeues its work.
+    delivery.setServiceParent(service)
+    drain = min(10.0, config.workers.shutdown_timeout / 2)
+    InboundService(parts, sockets=sockets, drain_seconds=drain).setServiceParent(service)
+    return service

@@ -1,0 +1,237 @@
+"""SMTPClientProtocol: one outbound SMTP connection, a thin adapter around ClientSession.
+
+Owns the connection's I/O: writing what the session wants written, the per-stage timeout,
+the STARTTLS handshake, streaming a queued message's content through the session's
+dot-stuffing encoder, and turning connection loss into the session's ``abort``. It does not
+decide what replies mean (delivery/outcome.py) or when to reuse the connection (pool.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from typing_extensions import override
+
+from twistedrelay.smtp import replies
+from twistedrelay.smtp.client_session import (
+    ClientSession,
+    Closed,
+    Event,
+    Ready,
+    SendContent,
+    SessionFailed,
+    StartTLS,
+    TransactionComplete,
+    TransactionResult,
+)
+from twistedrelay.smtp.replies import Reply
+
+CONTENT_CHUNK_BYTES = 64 * 1024
+
+
+class ConnectionNotReadyError(Exception):
+    """The connection never became ready for a transaction; ``reply`` says why."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundMessage:
+    """What one transaction sends: the envelope part and a way to read the content."""
+
+    sender: str
+    recipients: Sequence[tuple[str, Mapping[str, str | None]]]
+    content_size: int
+    open_content: Callable[[], BinaryIO]
+    prepend: bytes = b""
+    body_8bit: bool = False
+    smtputf8: bool = False
+    mail_params: Mapping[str, str | None] | None = None
+
+
+class SMTPClientProtocol(Protocol):
+    """Drives a ClientSession over a transport.
+
+    ``ready`` fires with the protocol once the session may start a transaction (after the
+    greeting, EHLO and any STARTTLS), or fails with ConnectionNotReadyError.
+
+    :param tls_context: called with the mail host name when the session asks for STARTTLS;
+        returns the client TLS connection creator (see tls.ClientTLS).
+    """
+
+    def __init__(
+        self,
+        session: ClientSession,
+        reactor: Any,
+        command_timeout: float,
+        data_timeout: float,
+        tls_context: Callable[[], Any] | None = None,
+    ) -> None:
+        self.session = session
+        self.reactor = reactor
+        self.command_timeout = command_timeout
+        self.data_timeout = data_timeout
+        self.tls_context = tls_context
+        self.ready: defer.Deferred[SMTPClientProtocol] = defer.Deferred()
+        self.closed: defer.Deferred[None] = defer.Deferred()
+        self.is_ready = False
+        self.is_open = False
+        self.tls_used = False
+        self._transaction: defer.Deferred[TransactionResult] | None = None
+        self._message: OutboundMessage | None = None
+        self._timer: IDelayedCall | None = None
+
+    # -- Twisted callbacks ----------------------------------------------------------------
+
+    @override
+    def connectionMade(self) -> None:
+        self.is_open = True
+        self._arm_timer(self.command_timeout)
+
+    @override
+    def dataReceived(self, data: bytes) -> None:
+        self._handle(self.session.receive(data))
+
+    @override
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.is_open = False
+        self.is_ready = False
+        self._cancel_timer()
+        self._handle(self.session.abort(replies.CONNECTION_LOST))
+        self._fail_ready(replies.CONNECTION_LOST)
+        if not self.closed.called:
+            self.closed.callback(None)
+
+    # -- what the pool calls --------------------------------------------------------------
+
+    def send(self, message: OutboundMessage) -> defer.Deferred[TransactionResult]:
+        """Run one transaction; fires with one reply per recipient (never fails)."""
+        self.is_ready = False
+        self._message = message
+        self._transaction = defer.Deferred()
+        result = self._transaction
+        self._handle(
+            self.session.begin(
+                message.sender,
+                message.recipients,
+                message.content_size + len(message.prepend),
+                body_8bit=message.body_8bit,
+                smtputf8=message.smtputf8,
+                mail_params=message.mail_params,
+            )
+        )
+        self._flush()
+        return result
+
+    def reset(self) -> defer.Deferred[SMTPClientProtocol]:
+        """RSET for the next transaction; fires when ready again (or fails)."""
+        self.ready = defer.Deferred()
+        self._handle(self.session.reset())
+        self._flush()
+        return self.ready
+
+    def quit(self) -> None:
+        """Say QUIT and close once it is written."""
+        if not self.is_open:
+            return
+        self.is_ready = False
+        try:
+            self.session.quit()
+        except RuntimeError:
+            pass  # the session is mid-transaction or failed: just close
+        self._flush()
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    # -- events ---------------------------------------------------------------------------
+
+    def _handle(self, events: list[Event]) -> None:
+        for event in events:
+            if isinstance(event, Ready):
+                self.is_ready = True
+                self._arm_timer(None)
+                if not self.ready.called:
+                    self.ready.callback(self)
+            elif isinstance(event, StartTLS):
+                self._start_tls()
+            elif isinstance(event, SendContent):
+                self._send_content()
+            elif isinstance(event, TransactionComplete):
+                self._complete(event.result)
+            elif isinstance(event, SessionFailed):
+                self._fail_ready(event.reply)
+                self._flush()
+                if self.is_open:
+                    self.transport.loseConnection()  # type: ignore[union-attr]
+            elif isinstance(event, Closed) and self.is_open:
+                self.transport.loseConnection()  # type: ignore[union-attr]
+        self._flush()
+        if self.session.awaiting is not None:
+            stage_timeout = (
+                self.data_timeout
+                if self.session.awaiting == "end of data"
+                else self.command_timeout
+            )
+            self._arm_timer(stage_timeout)
+
+    def _start_tls(self) -> None:
+        if self.tls_context is None:
+            self._handle(self.session.abort(replies.CONNECTION_LOST))
+            return
+        self._flush()
+        self.transport.startTLS(self.tls_context())  # type: ignore[union-attr]
+        self.tls_used = True
+        self._handle(self.session.tls_established())
+
+    def _send_content(self) -> None:
+        message = self._message
+        assert message is not None
+        transport: Any = self.transport
+        encode = self.session.encode_content
+        if message.prepend:
+            transport.write(encode(message.prepend))
+        with message.open_content() as content:
+            while chunk := content.read(CONTENT_CHUNK_BYTES):
+                transport.write(encode(chunk))
+        self._handle(self.session.end_content())
+
+    def _complete(self, result: TransactionResult) -> None:
+        self._message = None
+        transaction, self._transaction = self._transaction, None
+        if transaction is not None:
+            transaction.callback(result)
+
+    def _fail_ready(self, reply: Reply) -> None:
+        if not self.ready.called:
+            self.ready.errback(ConnectionNotReadyError(reply))
+
+    def _flush(self) -> None:
+        data = self.session.data_to_send()
+        if data and self.is_open:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    # -- timeouts -------------------------------------------------------------------------
+
+    def _arm_timer(self, seconds: float | None) -> None:
+        self._cancel_timer()
+        if seconds:
+            self._timer = self.reactor.callLater(seconds, self._timed_out)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self._handle(self.session.abort(replies.CONVERSATION_TIMED_OUT))
+        self._fail_ready(replies.CONVERSATION_TIMED_OUT)
+        if self.is_open:
+            self.transport.abortConnection()  # type: ignore[union-attr]

@@ -1,0 +1,465 @@
+"""DeliveryService: the delivery loop of one worker.
+
+Owns the life of claimed queue entries in this process: claiming (at once when this
+worker queued the message, and by a periodic scan of incoming/ and of deferred/ entries
+that are due), splitting each entry into one job per destination (routing.py), handing jobs
+to the scheduler (scheduler.py: which job starts when), running a started job (resolver →
+pool → one transaction), and, when every job of an entry is done, recording the outcome:
+removal, a deferral with backoff, and a DSN for bounced recipients.
+
+Invariant: an entry leaves active/ only after its outcome is durable: a DSN is committed
+before the bounced entry is completed or deferred; a deferral's status is fsync'd before
+the rename. If this worker dies midway, the master returns its entries to incoming/ and
+they are delivered again (at-least-once).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import Logger
+from typing_extensions import override
+
+from twistedrelay.bounce import FailedRecipient, build_dsn, extract_headers
+from twistedrelay.config import Config
+from twistedrelay.delivery.connection import OutboundMessage
+from twistedrelay.delivery.outcome import (
+    Outcome,
+    Result,
+    apply_lifetime,
+    classify_dns_failure,
+    classify_reply,
+    next_attempt_delay,
+)
+from twistedrelay.delivery.pool import AllHostsFailedError, DestinationPool, PoolSettings
+from twistedrelay.eventlog import MailLog
+from twistedrelay.hooks import HookRunner, OutcomeContext
+from twistedrelay.metrics import RelayMetrics
+from twistedrelay.queue.entry import Envelope, Recipient
+from twistedrelay.queue.store import ClaimedEntry, QueueStore
+from twistedrelay.resolver import Resolver, ResolverError
+from twistedrelay.routing import Destination, RouteTable
+from twistedrelay.scheduler import Job, Lane, Scheduler
+from twistedrelay.tls import ClientTLS, tls_level_for
+
+_log = Logger(namespace="twistedrelay.delivery")
+
+#: The most entries one worker keeps claimed at once (Postfix's active queue limit).
+CLAIM_WINDOW = 20000
+#: How much of a bounced message is read to find its header section for the DSN.
+HEADER_READ_LIMIT = 256 * 1024
+#: Spread retries of mail deferred together by up to this share of minimal_backoff.
+RETRY_JITTER = 0.1
+
+
+@dataclass(eq=False, slots=True)
+class ActiveEntry:
+    """A claimed entry and what its jobs have found out so far in this round."""
+
+    claimed: ClaimedEntry
+    jobs_left: int = 0
+    outcomes: dict[str, tuple[Recipient, Outcome, str]] = field(default_factory=dict)
+
+    @property
+    def queue_id(self) -> str:
+        """The entry's queue ID."""
+        return self.claimed.queue_id
+
+
+@dataclass(frozen=True, slots=True)
+class JobPayload:
+    """What a started job delivers: some recipients of one entry to one destination."""
+
+    entry: ActiveEntry
+    destination: Destination
+    recipients: tuple[Recipient, ...]
+
+
+class DeliveryService(Service):
+    """Claims, schedules and delivers queue entries; see the module docstring.
+
+    :param owner: this worker's queue owner name (claims go to active/<owner>/).
+    :param concurrency_limit: connections per destination for this process (the relay-wide
+        ``destination_concurrency`` divided among the workers).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        owner: str,
+        reactor: Any,
+        store: QueueStore,
+        resolver: Resolver,
+        metrics: RelayMetrics,
+        maillog: MailLog,
+        hooks: HookRunner,
+        concurrency_limit: int,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.owner = owner
+        self.reactor = reactor
+        self.store = store
+        self.resolver = resolver
+        self.metrics = metrics
+        self.maillog = maillog
+        self.hooks = hooks
+        self.rng = rng or random.Random()
+        self.routes = RouteTable(config.delivery.routes)
+        self.scheduler: Scheduler[JobPayload] = Scheduler(concurrency_limit)
+        self.client_tls = ClientTLS(config.delivery.ca_file, config.source)
+        self.pools: dict[str, DestinationPool] = {}
+        self.active: dict[str, ActiveEntry] = {}
+        self.last_failure: dict[str, Outcome] = {}
+        self._attempts: set[defer.Deferred[None]] = set()
+        self._scan = LoopingCall(self.scan_queue)
+        self._scan.clock = reactor
+        self._stopping = False
+        self._pumping = False
+        self._pump_again = False
+
+    # -- service life ---------------------------------------------------------------------
+
+    @override
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        self._scan.start(self.config.delivery.queue_scan_interval, now=True).addErrback(
+            lambda f: _log.failure("queue scan stopped", f)
+        )
+
+    @override
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        return defer.ensureDeferred(self._drain())
+
+    async def _drain(self) -> None:
+        """Stop starting work, give running attempts a bounded time, requeue the rest."""
+        self._stopping = True
+        if self._scan.running:
+            self._scan.stop()
+        deadline = self.reactor.seconds() + self.config.workers.shutdown_timeout / 2
+        while self._attempts and self.reactor.seconds() < deadline:
+            await deferLater(self.reactor, 0.05, lambda: None)
+        for entry in list(self.active.values()):
+            self.store.release(entry.claimed)
+            del self.active[entry.queue_id]
+        for pool in self.pools.values():
+            pool.close()
+
+    def reload_config(self, config: Config) -> None:
+        """Apply new routes and limits (SIGHUP); connections in use are not dropped."""
+        self.config = config
+        self.routes = RouteTable(config.delivery.routes)
+        self.client_tls = ClientTLS(config.delivery.ca_file, config.source)
+
+    # -- claiming -------------------------------------------------------------------------
+
+    def notify_queued(self, queue_id: str) -> None:
+        """Claim ``queue_id``, just made durable in incoming/ by this worker: no polling lag."""
+        if not self._stopping:
+            self._claim(queue_id, "incoming", "new")
+            self._pump()
+
+    def scan_queue(self) -> None:
+        """Claim what other processes queued, and deferred entries whose time has come."""
+        if self._stopping:
+            return
+        for queue_id in self.store.scan_incoming():
+            self._claim(queue_id, "incoming", "new")
+        now = self.reactor.seconds()
+        for queue_id, next_attempt_at in self.store.scan_deferred():
+            if next_attempt_at <= now:
+                self._claim(queue_id, "deferred", "deferred")
+        self.scheduler.forget_idle()
+        self._pump()
+
+    def _claim(self, queue_id: str, from_state: str, lane: Lane) -> None:
+        if queue_id in self.active or len(self.active) >= CLAIM_WINDOW:
+            return
+        try:
+            claimed = self.store.claim(queue_id, self.owner, from_state)
+        except (OSError, ValueError) as e:
+            _log.error("{queue_id}: cannot claim: {error}", queue_id=queue_id, error=e)
+            return
+        if claimed is not None:
+            self._schedule(claimed, lane)
+
+    def _schedule(self, claimed: ClaimedEntry, lane: Lane) -> None:
+        entry = ActiveEntry(claimed)
+        self.active[entry.queue_id] = entry
+        groups: dict[Destination, list[Recipient]] = {}
+        for recipient in claimed.status.pending(claimed.envelope):
+            groups.setdefault(self.routes.destination_for(recipient.domain), []).append(recipient)
+        entry.jobs_left = len(groups)
+        now = self.reactor.seconds()
+        for destination, recipients in groups.items():
+            job = Job(
+                entry.queue_id,
+                destination.name,
+                lane,
+                JobPayload(entry, destination, tuple(recipients)),
+            )
+            if not self.scheduler.add(job, now):
+                self._refuse(job)
+        if entry.jobs_left == 0:
+            self._finish_entry(entry)
+
+    def _refuse(self, job: Job[JobPayload]) -> None:
+        """A job of a dead destination: its recipients are deferred with the last error."""
+        payload = job.payload
+        outcome = self.last_failure.get(job.destination) or classify_dns_failure(
+            _BackingOff(job.destination)
+        )
+        for recipient in payload.recipients:
+            self._record(payload.entry, recipient, outcome, "none")
+        self._job_done(payload.entry)
+
+    # -- running jobs ---------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Start every job the scheduler lets start now (re-entrant calls are folded)."""
+        if self._pumping:
+            self._pump_again = True
+            return
+        self._pumping = True
+        try:
+            self._pump_again = True
+            while self._pump_again and not self._stopping:
+                self._pump_again = False
+                for job in self.scheduler.select(self.reactor.seconds()):
+                    attempt = defer.ensureDeferred(self._attempt(job))
+                    self._attempts.add(attempt)
+                    attempt.addErrback(lambda f: _log.failure("delivery attempt failed", f))
+                    attempt.addBoth(lambda _, a=attempt: self._attempts.discard(a))
+                for job in self.scheduler.take_refused():
+                    self._refuse(job)
+        finally:
+            self._pumping = False
+
+    async def _attempt(self, job: Job[JobPayload]) -> None:
+        payload = job.payload
+        entry, destination = payload.entry, payload.destination
+        failure: Outcome | None = None
+        try:
+            try:
+                hosts = await self.resolver.resolve_destination(
+                    destination, self.config.delivery.smtp_port
+                )
+                self.metrics.dns_lookup("mx")
+            except ResolverError as e:
+                self.metrics.dns_lookup("mx", failed=True)
+                outcome = classify_dns_failure(e)
+                if outcome.result is Result.DEFERRED:
+                    failure = outcome
+                self._record_all(entry, payload.recipients, outcome, "none")
+                return
+            pool = self._pool_for(destination.name)
+            try:
+                pooled = await pool.acquire(hosts)
+            except AllHostsFailedError as e:
+                if e.outcome.result is Result.DEFERRED:
+                    failure = e.outcome
+                self._record_all(entry, payload.recipients, e.outcome, "none")
+                return
+            result = await pooled.protocol.send(self._outbound(entry.claimed, payload.recipients))
+            relay = str(pooled.host)
+            by_address = {r.address: r for r in payload.recipients}
+            for recipient_result in result.recipients:
+                recipient = by_address[recipient_result.recipient]
+                self._record(entry, recipient, classify_reply(recipient_result.reply), relay)
+            await pool.release(pooled)
+        finally:
+            if failure is not None:
+                self.last_failure[job.destination] = failure
+            self.scheduler.finished(job, failure is None, self.reactor.seconds())
+            self._job_done(entry)
+            self._pump()
+
+    def _pool_for(self, destination: str) -> DestinationPool:
+        pool = self.pools.get(destination)
+        if pool is None:
+            delivery = self.config.delivery
+            settings = PoolSettings(
+                helo_name=self.config.hostname,
+                reuse_limit=delivery.connection_reuse_limit,
+                idle_timeout=delivery.idle_timeout,
+                connect_timeout=delivery.connect_timeout,
+                command_timeout=delivery.command_timeout,
+                data_timeout=delivery.data_timeout,
+            )
+            level = tls_level_for(destination, delivery.tls, delivery.tls_policy)
+
+            def tls_for_host(host: str) -> tuple[str, Any]:
+                options = self.client_tls.options_for(host, level)
+                return level, (lambda: options.creator) if options.creator else None
+
+            pool = self.pools[destination] = DestinationPool(
+                destination, settings, self.reactor, self.metrics, tls_for_host
+            )
+        return pool
+
+    @staticmethod
+    def _outbound(claimed: ClaimedEntry, recipients: Iterable[Recipient]) -> OutboundMessage:
+        envelope = claimed.envelope
+        return OutboundMessage(
+            sender=envelope.sender,
+            recipients=[(r.address, r.params) for r in recipients],
+            content_size=claimed.content_size,
+            open_content=claimed.open_content,
+            prepend="".join(envelope.prepend_headers).encode("utf-8"),
+            body_8bit=envelope.body_8bit,
+            smtputf8=envelope.smtputf8,
+            mail_params=envelope.mail_params,
+        )
+
+    # -- outcomes -------------------------------------------------------------------------
+
+    def _record_all(
+        self, entry: ActiveEntry, recipients: Iterable[Recipient], outcome: Outcome, relay: str
+    ) -> None:
+        for recipient in recipients:
+            self._record(entry, recipient, outcome, relay)
+
+    def _record(
+        self, entry: ActiveEntry, recipient: Recipient, outcome: Outcome, relay: str
+    ) -> None:
+        now = self.reactor.seconds()
+        envelope = entry.claimed.envelope
+        outcome = apply_lifetime(
+            outcome, envelope.arrival_time, now, self.config.delivery.maximal_queue_lifetime
+        )
+        entry.outcomes[recipient.address] = (recipient, outcome, relay)
+        status = {"delivered": "sent"}.get(outcome.result.value, outcome.result.value)
+        self.maillog.delivery(
+            entry.queue_id,
+            recipient.address,
+            relay,
+            now - envelope.arrival_time,
+            outcome.status,
+            status,
+            outcome.diagnostic,
+        )
+        self.metrics.delivery(outcome.result.value, now - envelope.arrival_time)
+        if self.hooks.has_hook(outcome.result.value):
+            self.hooks.run(
+                outcome.result.value,
+                OutcomeContext.for_envelope(
+                    envelope,
+                    recipient=recipient.address,
+                    reply=outcome.diagnostic,
+                    attempt=entry.claimed.status.attempts + 1,
+                    result=outcome.result.value,
+                ),
+            )
+
+    def _job_done(self, entry: ActiveEntry) -> None:
+        entry.jobs_left -= 1
+        if entry.jobs_left <= 0:
+            self._finish_entry(entry)
+
+    def _finish_entry(self, entry: ActiveEntry) -> None:
+        finishing = defer.ensureDeferred(self._finalize(entry))
+        finishing.addErrback(
+            lambda f: _log.failure(
+                "{queue_id}: cannot record the outcome", f, queue_id=entry.queue_id
+            )
+        )
+
+    async def _finalize(self, entry: ActiveEntry) -> None:
+        """Make the round's outcome durable: DSN first, then removal or deferral."""
+        claimed, now = entry.claimed, self.reactor.seconds()
+        envelope = claimed.envelope
+        status = claimed.status.with_attempt(now)
+        bounced: list[FailedRecipient] = []
+        deferred = False
+        for address, (recipient, outcome, relay) in entry.outcomes.items():
+            status = status.with_outcome(address, outcome.result.value, outcome.diagnostic)
+            if outcome.result is Result.BOUNCED:
+                remote_mta = relay.partition("[")[0] if relay != "none" else None
+                bounced.append(FailedRecipient.from_outcome(recipient, outcome, remote_mta))
+            elif outcome.result is Result.DEFERRED:
+                deferred = True
+        # A recipient this round found no outcome for (an attempt failed unexpectedly) is
+        # tried again later, never dropped.
+        if any(r.address not in entry.outcomes for r in claimed.status.pending(envelope)):
+            deferred = True
+        if bounced and not envelope.is_bounce:
+            await self._queue_dsn(claimed, bounced, now)
+        if self._stopping and entry.queue_id not in self.active:
+            return  # released at shutdown
+        del self.active[entry.queue_id]
+        if deferred:
+            delivery = self.config.delivery
+            delay = next_attempt_delay(
+                envelope.arrival_time,
+                now,
+                delivery.minimal_backoff,
+                delivery.maximal_backoff,
+                jitter=self.rng.uniform(0, delivery.minimal_backoff * RETRY_JITTER),
+            )
+            await self.store.mark_deferred(claimed, now + delay, status)
+        else:
+            self.store.complete(claimed)
+            self.maillog.removed(entry.queue_id)
+
+    async def _queue_dsn(
+        self, claimed: ClaimedEntry, failed: list[FailedRecipient], now: float
+    ) -> None:
+        envelope = claimed.envelope
+        with claimed.open_content() as content:
+            headers = extract_headers(content.read(HEADER_READ_LIMIT))
+        message = self.store.open_message()
+        message.write(build_dsn(envelope, failed, headers, self.config.hostname, now))
+        dsn = Envelope(
+            queue_id=message.queue_id,
+            sender="",
+            recipients=(Recipient(envelope.sender),),
+            arrival_time=now,
+            client_helo=self.config.hostname,
+            listener="local",
+        )
+        await message.commit(dsn)
+        self.maillog.bounce_created(envelope.queue_id, dsn.queue_id)
+        self.notify_queued(dsn.queue_id)
+
+
+@dataclass(frozen=True, slots=True)
+class _BackingOff:
+    """A DNS-failure-shaped reason for jobs of a dead destination with no recorded error."""
+
+    name: str
+    kind: str = "temporary"
+    detail: str = "destination is backing off after connection failures"
+
+
+def build_delivery_service(
+    config: Config,
+    slot: int,
+    reactor: Any,
+    *,
+    store: QueueStore,
+    metrics: RelayMetrics,
+    maillog: MailLog,
+    hooks: HookRunner,
+) -> DeliveryService:
+    """The delivery loop of worker ``slot`` (app.py's worker payload calls this).
+
+    The relay-wide ``destination_concurrency`` is shared among the workers, so the limit
+    holds for the whole relay: each worker may open limit // workers (at least one).
+    """
+    resolver = Resolver(
+        reactor,
+        [(ns.host, ns.port) for ns in config.dns.nameservers],
+        timeout_seconds=config.dns.timeout,
+    )
+    share = max(1, config.delivery.destination_concurrency // config.worker_count)
+    return DeliveryService(
+        config, f"w{slot}", reactor, store, resolver, metrics, maillog, hooks, share
+    )
