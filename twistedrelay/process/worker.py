@@ -186,12 +186,14 @@ def load_payload(name: str) -> WorkerPayload:
 
 
 def inherit_sockets(fds: Mapping[str, Sequence[int]]) -> dict[str, tuple[InheritedSocket, ...]]:
-    """Describe each inherited fd (its family is read from the socket itself)."""
+    """Describe each inherited fd (its family is read from the socket itself), non-blocking."""
     inherited = {}
     for name, numbers in fds.items():
         sockets = []
         for fd in numbers:
             probe = socket.socket(fileno=fd)
+            # The reactor accepts in a loop until EAGAIN: a blocking socket would hang it.
+            probe.setblocking(False)
             sockets.append(InheritedSocket(fd, probe.family))
             probe.detach()  # keep the fd open: it belongs to the worker, not the probe
         inherited[name] = tuple(sockets)
