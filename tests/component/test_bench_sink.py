@@ -327,3 +327,20 @@ async def _sleep(reactor: Any, seconds: float) -> None:
     from twisted.internet import task
 
     await task.deferLater(reactor, seconds, lambda: None)
+
+
+def test_save_dir_writes_envelope_and_content(tmp_path):
+    """--save-dir writes one file per accepted message: envelope headers, then the content."""
+    factory = SinkFactory(Clock(), SinkConfig(save_dir=tmp_path))
+    sink_protocol = factory.buildProtocol(None)
+    sink_protocol.makeConnection(StringTransport())
+    sink_protocol.dataReceived(TRANSACTION + b"QUIT\r\n")
+    [saved] = list(tmp_path.iterdir())
+    assert saved.suffix == ".eml"
+    assert saved.read_bytes() == (
+        b"X-Sink-Mail-From: <sender@example.org>\r\n"
+        b"X-Sink-Rcpt-To: <one@example.net>\r\n"
+        b"X-Sink-Rcpt-To: <two@example.net>\r\n"
+        b"Subject: hi\r\nX-Sequence: 7\r\n\r\n.leading dot\r\nbody\r\n"
+    )
+    assert factory.messages == []  # saving does not mean recording

@@ -189,20 +189,12 @@ class LoadGenerator:
         :param wait_ok: when False and the rate says "not yet", allocate nothing.
         :returns: (sequence, delay in seconds), or None when the run has no more to send.
         """
-        options = self.options
-        if self._stopping:
+        due = self._next_due()
+        if due is None:
             return None
-        allocated = self._next_sequence - 1
-        if options.messages and allocated >= options.messages:
+        delay = due - self.reactor.seconds()
+        if delay > 0 and not wait_ok:
             return None
-        now = self.reactor.seconds()
-        if options.duration_seconds and now >= self._ends_at:
-            return None
-        delay = 0.0
-        if options.rate > 0:
-            delay = self._started_at + allocated / options.rate - now
-            if delay > 0 and not wait_ok:
-                return None
         sequence = self._next_sequence
         self._next_sequence += 1
         self.report.messages_attempted += 1
@@ -210,12 +202,21 @@ class LoadGenerator:
 
     def has_more(self) -> bool:
         """True while the run may still allocate messages."""
+        return self._next_due() is not None
+
+    def _next_due(self) -> float | None:
+        """When the next message may be sent (now, or later under a rate); None: never."""
         options = self.options
         if self._stopping:
-            return False
-        if options.messages and self._next_sequence - 1 >= options.messages:
-            return False
-        return not (options.duration_seconds and self.reactor.seconds() >= self._ends_at)
+            return None
+        allocated = self._next_sequence - 1
+        if options.messages and allocated >= options.messages:
+            return None
+        now = self.reactor.seconds()
+        due = self._started_at + allocated / options.rate if options.rate > 0 else now
+        if options.duration_seconds and max(due, now) >= self._ends_at:
+            return None
+        return due
 
     # -- connection bookkeeping -----------------------------------------------------------
 

@@ -102,14 +102,22 @@ class MessageBuilder:
         self.run_id = run_id
         self._rng = rng or random.Random()
         self._bodies: dict[int, bytes] = {}
+        self._recipients: dict[int, tuple[bytes, ...]] = {}
         self._date = formatdate(localtime=False, usegmt=True).encode()
 
     def recipients_for(self, sequence: int) -> tuple[bytes, ...]:
         """The recipients of message ``sequence``; the domain rotates with the sequence."""
-        return tuple(
-            self.recipient_template.format(n=n + 1, k=(sequence + n) % self.domains + 1).encode()
-            for n in range(self.recipients_per_message)
-        )
+        # They depend only on the sequence modulo the domain count: build each set once.
+        rotation = sequence % self.domains
+        recipients = self._recipients.get(rotation)
+        if recipients is None:
+            recipients = self._recipients[rotation] = tuple(
+                self.recipient_template.format(
+                    n=n + 1, k=(rotation + n) % self.domains + 1
+                ).encode()
+                for n in range(self.recipients_per_message)
+            )
+        return recipients
 
     def build(self, sequence: int) -> Message:
         """Message number ``sequence`` with a size drawn from the distribution."""
