@@ -63,7 +63,13 @@ class ReceivedMessage:
 
 @dataclass(slots=True)
 class SinkStats:
-    """Counters of one sink; ``as_dict`` is the JSON the command line prints."""
+    """Counters of one sink; ``as_dict`` is the JSON the command line prints.
+
+    ``connections_total`` includes refused connections. ``transactions`` counts MAIL
+    commands accepted; ``messages``, ``recipients`` and ``bytes`` count accepted messages
+    only (``bytes``: DATA as received, before dot-unstuffing). ``refusals`` counts every
+    reply of 400 or more by code; ``hang_ups`` every connection the sink dropped on purpose.
+    """
 
     started_at: float
     connections_total: int = 0
