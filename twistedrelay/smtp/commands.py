@@ -75,6 +75,11 @@ def _split_path(argument: str) -> tuple[str, str]:
     """Split ``<path> params`` at the ``>`` that closes the path (quotes may hold ``>``)."""
     if not argument.startswith("<"):
         raise CommandSyntaxError(replies.SYNTAX_ERROR)
+    if '"' not in argument:
+        close = argument.find(">")
+        if close < 0:
+            raise CommandSyntaxError(replies.SYNTAX_ERROR)
+        return argument[: close + 1], argument[close + 1 :]
     quoted = escaped = False
     for index in range(1, len(argument)):
         char = argument[index]

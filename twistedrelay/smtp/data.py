@@ -25,9 +25,13 @@ from twistedrelay.smtp import replies
 from twistedrelay.smtp.replies import Reply
 
 _END = b"\r\n.\r\n"
+_DOT_LINE = b"\r\n."
 # Proper prefixes of the end-of-data indicator, longest first: the tail we must hold back.
 _END_PREFIXES = (b"\r\n.\r", b"\r\n.", b"\r\n", b"\r")
 _RECEIVED = b"received:"
+_CR, _LF = 13, 10
+_CR_MASK = bytes(1 if byte == _CR else 0 for byte in range(256))
+_LF_MASK = bytes(1 if byte == _LF else 0 for byte in range(256))
 
 
 class DataDecoder:
@@ -83,7 +87,10 @@ class DataDecoder:
         """
         carried = len(self._carry)
         buffer = self._carry + data if carried else data
-        end_at = buffer.find(_END)
+        # One search answers both "is there a dot line to unstuff?" and "can DATA end
+        # here?": most chunks have neither, and then nothing else is searched for.
+        first_dot_line = buffer.find(_DOT_LINE)
+        end_at = buffer.find(_END, first_dot_line) if first_dot_line >= 0 else -1
         if end_at >= 0:
             # The CRLF before "." ends the message's last line and belongs to the message.
             region = buffer[: end_at + 2]
@@ -98,20 +105,29 @@ class DataDecoder:
             region = buffer[: len(buffer) - hold]
             self._carry = buffer[len(buffer) - hold :]
             end = None
-        return self._decode(region), end
+        # The terminator's own dot is outside the region: only earlier dot lines count.
+        has_dot_lines = 0 <= first_dot_line < (end_at if end_at >= 0 else len(buffer))
+        return self._decode(region, has_dot_lines), end
 
-    def _decode(self, region: bytes) -> bytes:
+    def _decode(self, region: bytes, has_dot_lines: bool) -> bytes:
         """Check and unstuff a region that starts at a line start or mid-line, never mid-CRLF."""
         if not region:
             return b""
-        if not self._bare_line_ending:
-            # The region never ends in CR (that is carried) and the byte before it is never
-            # CR, so counting is exact: every CR must be the start of a CRLF and vice versa.
-            crlf = region.count(b"\r\n")
-            if region.count(b"\r") != crlf or region.count(b"\n") != crlf:
-                self._bare_line_ending = True
+        if (
+            not self._bare_line_ending
+            and (
+                # The byte before the region is never CR (a CR at the end is carried), so a LF
+                # first is bare; a CR last can only be the end of the final region.
+                region[0] == _LF
+                or region[-1] == _CR
+                # Every CR must be followed by LF and every LF preceded by CR: the LF positions
+                # shifted back by one are exactly the CR positions (two C passes and a memcmp).
+                or region.translate(_LF_MASK)[1:] != region.translate(_CR_MASK)[:-1]
+            )
+        ):
+            self._bare_line_ending = True
         # RFC 5321 §4.5.2: a leading "." on a line is removed.
-        decoded = region.replace(b"\r\n.", b"\r\n")
+        decoded = region.replace(_DOT_LINE, b"\r\n") if has_dot_lines else region
         if self._skip:
             decoded = decoded[self._skip :]
             self._skip = 0

@@ -232,20 +232,6 @@ class ServerSession:
         self._mail_params: Params = {}
         self._recipients: list[tuple[str, Params]] = []
         self._decoder: DataDecoder | None = None
-        self._handlers: dict[str, Callable[[str, list[Event]], None]] = {
-            "EHLO": self._on_ehlo,
-            "HELO": self._on_helo,
-            "MAIL": self._on_mail,
-            "RCPT": self._on_rcpt,
-            "DATA": self._on_data,
-            "RSET": self._on_rset,
-            "NOOP": self._on_noop,
-            "QUIT": self._on_quit,
-            "VRFY": self._on_vrfy,
-            "HELP": self._on_help,
-            "STARTTLS": self._on_starttls,
-            "AUTH": self._on_auth,
-        }
 
     # -- read-only state ------------------------------------------------------------------
 
@@ -471,7 +457,7 @@ class ServerSession:
         except CommandSyntaxError as error:
             self._reply(events, error.reply)
             return
-        handler = self._handlers.get(command.verb)
+        handler = _HANDLERS.get(command.verb)
         if handler is None:
             if command.verb in _NOT_IMPLEMENTED_VERBS:
                 self._reply(events, replies.COMMAND_NOT_IMPLEMENTED)
@@ -482,7 +468,7 @@ class ServerSession:
             self._reply(events, replies.SYNTAX_ERROR)
             return
         try:
-            handler(command.argument, events)
+            handler(self, command.argument, events)
         except CommandSyntaxError as error:
             self._reply(events, error.reply)
 
@@ -695,6 +681,22 @@ class ServerSession:
         self._recipients = []
         self._decoder = None
 
+
+# Verb → handler, built once (STYLE.md: an explicit table, not getattr dispatch).
+_HANDLERS: dict[str, Callable[[ServerSession, str, list[Event]], None]] = {
+    "EHLO": ServerSession._on_ehlo,
+    "HELO": ServerSession._on_helo,
+    "MAIL": ServerSession._on_mail,
+    "RCPT": ServerSession._on_rcpt,
+    "DATA": ServerSession._on_data,
+    "RSET": ServerSession._on_rset,
+    "NOOP": ServerSession._on_noop,
+    "QUIT": ServerSession._on_quit,
+    "VRFY": ServerSession._on_vrfy,
+    "HELP": ServerSession._on_help,
+    "STARTTLS": ServerSession._on_starttls,
+    "AUTH": ServerSession._on_auth,
+}
 
 __all__ = [
     "DECISION_EVENTS",
