@@ -54,6 +54,17 @@ def test_connect_and_disconnect_name_the_client_and_listener():
     assert events[0]["log_namespace"] == NAMESPACE
 
 
+def test_auth_lines_name_the_client_user_and_result():
+    """AUTH success and failure are logged with a stable, matchable form."""
+    log, events = capture()
+    log.auth("192.0.2.7", "bob", ok=True)
+    log.auth("203.0.113.9", "mallory\r\nforged", ok=False)
+    assert lines(events) == [
+        "auth ok from [192.0.2.7] user=bob",
+        "auth failed from [203.0.113.9] user=mallory??forged",
+    ]
+
+
 def test_queued_line_has_sender_size_and_recipient_count():
     """The queued line reads like Postfix's qmgr line, prefixed with the queue ID."""
     log, events = capture()
