@@ -374,6 +374,9 @@ class ServerSession:
     def tls_started(self, settings: SessionSettings) -> None:
         """The TLS handshake completed: forget everything the client said (RFC 3207 §4.2).
 
+        Call it after a STARTTLS handshake. For implicit TLS (port 465) it may also be called
+        before any input, only to make ``is_tls`` true.
+
         :param settings: the settings for the TLS part of the session (e.g. AUTH offered).
         """
         self._settings = settings
@@ -416,6 +419,7 @@ class ServerSession:
                     pos = len(buffer)
                 elif len(buffer) - pos >= max_line:
                     # The line can only end up too long: drop it now so memory stays bounded.
+                    self._auth_continues = False
                     self._reply(events, replies.LINE_TOO_LONG)
                     self._discarding_line = True
                     pos = len(buffer)
@@ -429,6 +433,7 @@ class ServerSession:
                 continue
             if line_end - pos > max_line:
                 pos = line_end
+                self._auth_continues = False
                 self._reply(events, replies.LINE_TOO_LONG)
                 continue
             # Commands end with CRLF; a bare LF is accepted too, as Postfix does (never in DATA).

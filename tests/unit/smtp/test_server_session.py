@@ -534,3 +534,17 @@ def test_whole_session_is_chunk_size_invariant() -> None:
     for chunks in split_every_way(data):
         transcript = drive(chunks)
         assert (transcript.wire, transcript.messages) == (expected.wire, expected.messages)
+
+
+def test_too_long_auth_line_ends_the_exchange() -> None:
+    """A too-long line during AUTH ends the exchange: the next line is a command again."""
+    session = ServerSession(
+        SessionSettings("mx.test", max_line_length=512, auth_mechanisms=("PLAIN",))
+    )
+    session.receive(EHLO)
+    session.respond(replies.OK)
+    session.receive(b"AUTH PLAIN\r\n")
+    session.respond(Reply(334, None, ""))
+    assert session.receive(b"A" * 600 + b"\r\nNOOP\r\n") == [
+        Output(replies.LINE_TOO_LONG.to_bytes() + replies.NOOP_OK.to_bytes())
+    ]
