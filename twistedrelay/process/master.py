@@ -408,21 +408,32 @@ class MasterService(MultiService):
         self.listeners = ListeningSockets(config, include_metrics=metrics_service is not None)
         self.listeners.setServiceParent(self)
         self.supervisor: WorkerSupervisor | None = None
-        self._previous_sighup: Any = None
+        self._previous_handlers: dict[int, Any] = {}  # Any: what signal.signal returns
 
     @override
     def startService(self) -> None:
         self.listeners.bind_all()  # already bound if privilegedStartService ran
         self.prepare()
         super().startService()
-        self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
+        self._previous_handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._sighup)
+        # After startup, because the reactor installs its own SIGTERM handler then.
+        self._reactor.callWhenRunning(self._install_sigterm_handler)
 
     @override
     def stopService(self) -> defer.Deferred[None]:
-        if self._previous_sighup is not None:
-            signal.signal(signal.SIGHUP, self._previous_sighup)
-            self._previous_sighup = None
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers.clear()
         return super().stopService()  # type: ignore[no-any-return]
+
+    def _install_sigterm_handler(self) -> None:
+        """Stop on SIGTERM like the reactor does, but so that the process then exits 0.
+
+        The reactor's handler records the signal, and twistd re-raises it once stopped, so
+        the relay would end "killed by SIGTERM". An orderly stop is a success (issue 4).
+        """
+        if self.running:
+            self._previous_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._sigterm)
 
     def prepare(self) -> None:
         """Create the queue and metrics directory, return every claim, add the children.
@@ -489,6 +500,14 @@ class MasterService(MultiService):
     def _sighup(self, signum: int, frame: FrameType | None) -> None:
         # A signal handler may run between any two bytecodes: hop to the reactor's loop.
         self._reactor.callFromThread(self.reload)
+
+    def _sigterm(self, signum: int, frame: FrameType | None) -> None:
+        self._reactor.callFromThread(self._stop_reactor)
+
+    def _stop_reactor(self) -> None:
+        if self.running:
+            log.info("SIGTERM: stopping the workers, then the master")
+            self._reactor.stop()
 
 
 def _restart_only_changes(old: Config, new: Config) -> Sequence[str]:
