@@ -10,10 +10,11 @@ collaborators as arguments.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
-from twisted.application.service import IService, MultiService, Service
-from twisted.internet.interfaces import IListeningPort
+from twisted.application.service import IService, MultiService
+from twisted.internet import threads
 from twisted.python import usage
 from typing_extensions import override
 
@@ -21,12 +22,11 @@ from twistedrelay.auth import Authenticator, UsersFile
 from twistedrelay.config import Config, ConfigError, load_config
 from twistedrelay.delivery.service import build_delivery_service
 from twistedrelay.eventlog import MailLog
-from twistedrelay.hooks import load_plugins
-from twistedrelay.metrics import QueueGaugeCollector, RelayMetrics, build_master_registry
-from twistedrelay.metrics_http import build_metrics_site
+from twistedrelay.hooks import load_plugins, plugin_state_directory
+from twistedrelay.metrics import RelayMetrics
+from twistedrelay.metrics_http import metrics_service_factory
 from twistedrelay.policy import RelayPolicy
 from twistedrelay.process.master import MasterService
-from twistedrelay.process.sockets import BoundSocket
 from twistedrelay.process.worker import DEFAULT_PAYLOAD, InheritedSocket
 from twistedrelay.queue.store import QueueStore
 from twistedrelay.smtp.inbound import InboundService
@@ -60,39 +60,8 @@ def makeService(options: Options) -> IService:
         options["config"],
         reactor,
         payload=DEFAULT_PAYLOAD,
-        metrics_service=lambda bound, directory: MetricsService(config, bound, directory),
+        metrics_service=metrics_service_factory(reactor, config.queue.directory),
     )
-
-
-class MetricsService(Service):
-    """The master's /metrics endpoint: workers' sums plus the queue gauges, on a bound socket."""
-
-    def __init__(self, config: Config, bound: BoundSocket, directory: str) -> None:
-        from twisted.internet import reactor
-
-        self._reactor: Any = reactor
-        self.bound = bound
-        self.queue_gauges = QueueGaugeCollector(config.queue.directory, reactor)
-        self.registry = build_master_registry(directory, self.queue_gauges)
-        self._port: IListeningPort | None = None
-
-    @override
-    def startService(self) -> None:
-        super().startService()
-        self.queue_gauges.start()
-        site = build_metrics_site(self.registry)
-        self._port = self._reactor.adoptStreamPort(
-            self.bound.sock.fileno(), self.bound.sock.family, site
-        )
-
-    @override
-    def stopService(self) -> Any:
-        super().stopService()
-        self.queue_gauges.stop()
-        if self._port is not None:
-            port, self._port = self._port, None
-            return port.stopListening()
-        return None
 
 
 def build_worker_service(
@@ -104,16 +73,20 @@ def build_worker_service(
     metrics = RelayMetrics.for_worker()
     maillog = MailLog()
     hooks = load_plugins(
-        config.plugins, reactor, config.source, state_directory=config.queue.directory
+        config.plugins,
+        reactor,
+        config.source,
+        state_directory=plugin_state_directory(config),
+        run_in_thread=partial(threads.deferToThreadPool, reactor, reactor.getThreadPool()),
     )
     server_tls = None
     if config.tls.certificate and config.tls.private_key:
         server_tls = ServerTLS(config.tls.certificate, config.tls.private_key, config.source)
     authenticator = None
     if config.auth.users_file:
-        authenticator = Authenticator(
-            UsersFile(config.auth.users_file), reactor, reactor.getThreadPool()
-        )
+        users = UsersFile(config.auth.users_file)
+        users.reload()  # a broken users file stops the worker with a clear error
+        authenticator = Authenticator(users, reactor, reactor.getThreadPool())
     delivery = build_delivery_service(
         config, slot, reactor, store=store, metrics=metrics, maillog=maillog, hooks=hooks
     )

@@ -39,6 +39,7 @@ from twistedrelay.auth import (
 from twistedrelay.config import Config
 from twistedrelay.eventlog import MailLog
 from twistedrelay.hooks import (
+    ConnectContext,
     DataContext,
     Decision,
     DisconnectContext,
@@ -228,7 +229,27 @@ class SMTPServerProtocol(Protocol):
             self.tls = "TLS"
             self.session.tls_started(self._settings())
         self._reset_idle_timer()
-        self._write(self.session.greeting(), 220)
+        if not self.parts.hooks.has_hook("connect"):
+            self._write(self.session.greeting(), 220)
+            return
+        self._waiting = True
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+        self.parts.hooks.run("connect", ConnectContext(**self._hook_fields())).addCallback(
+            self._connect_decided
+        )
+
+    def _connect_decided(self, decision: Decision) -> None:
+        self._waiting = False
+        if self._closed:
+            return
+        if decision.verdict in (Verdict.PROCEED, Verdict.ACCEPT):
+            self.transport.resumeProducing()  # type: ignore[union-attr]
+            self._write(self.session.greeting(), 220)
+            self._pump(b"")
+            return
+        reply = decision.reply or replies.SERVICE_NOT_AVAILABLE
+        self._rejected("CONNECT", reply)
+        self.close_now(reply)
 
     @override
     def dataReceived(self, data: bytes) -> None:
@@ -466,10 +487,15 @@ class SMTPServerProtocol(Protocol):
             self._rejected("DATA", reply, sender=self.session.sender)
             return reply
         state = "hold" if decision.verdict is Verdict.HOLD else "incoming"
-        return self._commit(message, queue_id, state, decision.header_lines())
+        return self._commit(message, queue_id, state, decision.header_lines(), decision.reason)
 
     def _commit(
-        self, message: IncomingMessage, queue_id: str, state: str, added: tuple[str, ...]
+        self,
+        message: IncomingMessage,
+        queue_id: str,
+        state: str,
+        added: tuple[str, ...],
+        hold_reason: str = "",
     ) -> defer.Deferred[Reply]:
         envelope = self._envelope(queue_id, added)
         size = message.size
@@ -484,7 +510,7 @@ class SMTPServerProtocol(Protocol):
             if state == "incoming":
                 self.parts.on_queued(queue_id)
             else:
-                self.parts.maillog.held(queue_id, "data hook")
+                self.parts.maillog.held(queue_id, hold_reason or "data hook")
             if self.parts.hooks.has_hook("queue"):
                 self.parts.hooks.run("queue", QueueContext.for_envelope(envelope))
             return replies.queued_as(queue_id)
