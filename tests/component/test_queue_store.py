@@ -12,7 +12,7 @@ import pytest_twisted
 from twisted.internet.defer import gatherResults
 
 from twistedrelay.queue.entry import DEFERRED, DELIVERED, EntryStatus, Envelope, Recipient
-from twistedrelay.queue.store import FOOTER_SIZE, FileSystem, QueueStore
+from twistedrelay.queue.store import FOOTER_SIZE, SPILL_BYTES, FileSystem, QueueStore
 
 BODY = (
     b"Received: from client.example.org by relay.example.test\r\n"
@@ -66,6 +66,16 @@ async def _queue(store, body=BODY, state="incoming", recipients=()):
 
 def _names(directory):
     return sorted(os.listdir(directory))
+
+
+async def _until(condition, timeout_seconds=10.0):
+    """Wait on the reactor until condition() is true, failing after the deadline."""
+    from twisted.internet import reactor, task
+
+    deadline = time.monotonic() + timeout_seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await task.deferLater(reactor, 0.005, lambda: None)
 
 
 # The accept path
@@ -195,13 +205,60 @@ async def test_concurrent_commits_all_land_with_fewer_directory_fsyncs(queue_dir
 
 
 @pytest_twisted.ensureDeferred
-async def test_discard_removes_the_tmp_file(store):
-    """A reset or rejected transaction leaves nothing behind."""
+async def test_small_message_touches_no_file_before_commit(store):
+    """Content under SPILL_BYTES stays in memory: no file I/O in the reactor thread."""
     message = store.open_message()
     message.write(BODY)
-    assert _names(store.layout.tmp) == [message.queue_id]
-    message.discard()
-    message.discard()
+    assert _names(store.layout.tmp) == []
+    await message.discard()
+    assert _names(store.layout.tmp) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_large_message_is_written_behind_and_round_trips(store):
+    """A body past SPILL_BYTES goes to tmp/ during DATA and reads back byte for byte."""
+    message = store.open_message()
+    body = b"".join(b"line %06d\r\n" % n for n in range(3 * SPILL_BYTES // 13))
+    for offset in range(0, len(body), 1000):
+        message.write(body[offset : offset + 1000])
+    await _until(lambda: _names(store.layout.tmp) == [message.queue_id])
+    await message.commit(_envelope(message.queue_id))
+    entry = store.claim(message.queue_id, "w0", "incoming")
+    assert entry.content_size == len(body) == message.size
+    with entry.open_content() as content:
+        assert content.read() == body
+
+
+@pytest_twisted.ensureDeferred
+async def test_read_back_sees_every_byte_before_and_after_write_behind(store):
+    """A data hook reads the whole content, whether it is in memory, in flight or on disk."""
+    message = store.open_message()
+    body = bytes(range(256)) * (5 * SPILL_BYTES // 256) + b"tail"
+    pieces = [body[offset : offset + 4096] for offset in range(0, len(body), 4096)]
+    for piece in pieces[: len(pieces) // 2]:
+        message.write(piece)
+    half = b"".join(pieces[: len(pieces) // 2])
+    assert message.read_back() == half, "right after writing, pieces are still in flight"
+    await _until(lambda: _names(store.layout.tmp) == [message.queue_id])
+    for piece in pieces[len(pieces) // 2 :]:
+        message.write(piece)
+    assert message.read_back() == body
+    await message.commit(_envelope(message.queue_id))
+    with pytest.raises(RuntimeError):
+        message.read_back()
+    entry = store.claim(message.queue_id, "w0", "incoming")
+    with entry.open_content() as content:
+        assert content.read() == body
+
+
+@pytest_twisted.ensureDeferred
+async def test_discard_removes_the_written_behind_tmp_file(store):
+    """A reset or rejected transaction leaves nothing behind."""
+    message = store.open_message()
+    message.write(b"x" * (2 * SPILL_BYTES))
+    await _until(lambda: _names(store.layout.tmp) == [message.queue_id])
+    await message.discard()
+    await message.discard()
     assert _names(store.layout.tmp) == []
     with pytest.raises(RuntimeError):
         message.write(b"more")
@@ -370,11 +427,12 @@ async def test_counts_every_state(store):
 async def test_remove_stale_tmp_keeps_live_sessions(store):
     """Old tmp files of crashed sessions go; a message being written now stays."""
     crashed = store.open_message()
-    crashed.write(b"partial")
+    crashed.write(b"x" * SPILL_BYTES)
+    live = store.open_message()
+    live.write(b"y" * SPILL_BYTES)
+    await _until(lambda: len(_names(store.layout.tmp)) == 2)
     old = time.time() - 7200
     os.utime(store.layout.tmp_path(crashed.queue_id), (old, old))
-    live = store.open_message()
-    live.write(b"in progress")
     assert store.remove_stale_tmp(older_than_seconds=3600) == 1
     assert _names(store.layout.tmp) == [live.queue_id]
     await live.commit(_envelope(live.queue_id))

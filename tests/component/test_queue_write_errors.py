@@ -17,7 +17,7 @@ import pytest
 import pytest_twisted
 
 from twistedrelay.queue.entry import Envelope, Recipient
-from twistedrelay.queue.store import FileSystem, QueueStore, QueueWriteError
+from twistedrelay.queue.store import SPILL_BYTES, FileSystem, QueueStore, QueueWriteError
 from twistedrelay.smtp import replies
 
 
@@ -47,20 +47,6 @@ def _entries(store) -> list[str]:
     return sorted(os.listdir(layout.tmp) + os.listdir(layout.incoming))
 
 
-class _FailingWriter:
-    """A file whose write() fails like a full or broken disk."""
-
-    def __init__(self, file, error):
-        self._file = file
-        self._error = error
-
-    def write(self, data):
-        raise self._error
-
-    def __getattr__(self, name):
-        return getattr(self._file, name)
-
-
 class FailingFileSystem(FileSystem):
     """Fails one commit-path step, once, with a given errno."""
 
@@ -76,15 +62,15 @@ class FailingFileSystem(FileSystem):
 
     def create_exclusive(self, path):
         self._maybe_fail("create")
-        file = super().create_exclusive(path)
-        if self.armed and self.step == "write":
-            self.armed = False
-            return _FailingWriter(file, self.error)
-        return file
+        return super().create_exclusive(path)
 
-    def sync_file(self, file):
+    def write(self, fd, data):
+        self._maybe_fail("write")
+        super().write(fd, data)
+
+    def sync_file(self, fd):
         self._maybe_fail("sync_file")
-        super().sync_file(file)
+        super().sync_file(fd)
 
     def rename(self, source, destination):
         self._maybe_fail("rename")
@@ -95,6 +81,7 @@ class FailingFileSystem(FileSystem):
         super().sync_directory(path)
 
 
+@pytest.mark.parametrize("size", [100, 3 * SPILL_BYTES], ids=["small", "written-behind"])
 @pytest.mark.parametrize("step", ["create", "write", "sync_file", "rename", "sync_directory"])
 @pytest.mark.parametrize(
     ("number", "reply"),
@@ -107,12 +94,12 @@ class FailingFileSystem(FileSystem):
 )
 @pytest_twisted.ensureDeferred
 async def test_injected_error_gives_its_reply_and_removes_the_partial_file(
-    tmp_path, step, number, reply
+    tmp_path, step, number, reply, size
 ):
     """Each failing step errbacks with 452 4.3.1 (full) or 451 4.3.0; nothing is left."""
     store = _open_store(str(tmp_path / "queue"), FailingFileSystem(step, number))
     try:
-        _, error = await _commit(store, b"Subject: x\r\n\r\nbody\r\n")
+        _, error = await _commit(store, b"x" * size)
         assert error is not None
         assert error.reply == reply
         assert error.error_number == number
@@ -126,14 +113,21 @@ async def test_injected_error_gives_its_reply_and_removes_the_partial_file(
 
 @pytest_twisted.ensureDeferred
 async def test_write_error_marks_the_message_failed_before_commit(tmp_path):
-    """The session can learn of a write error early (and stop buffering the body)."""
+    """The session can learn of a write-behind error early; later content is dropped."""
+    from twisted.internet import reactor, task
+
     store = _open_store(str(tmp_path / "queue"), FailingFileSystem("write", errno.EIO))
     try:
         message = store.open_message()
-        message.write(b"data")
-        assert message.failed
+        message.write(b"x" * SPILL_BYTES)
+        deadline = time.monotonic() + 10
+        while not message.failed:
+            assert time.monotonic() < deadline, "the write error never surfaced"
+            await task.deferLater(reactor, 0.005, lambda: None)
         assert _entries(store) == [], "the partial file is removed at once"
+        assert message.read_back() == b""
         message.write(b"more data is ignored")
+        assert message.size == SPILL_BYTES
         with pytest.raises(QueueWriteError):
             await message.commit(_envelope(message.queue_id))
     finally:
@@ -178,7 +172,7 @@ async def test_full_disk_during_data_gives_452_and_the_next_message_commits(smal
 
 @pytest_twisted.ensureDeferred
 async def test_full_disk_at_commit_gives_452_and_the_next_message_commits(small_fs):
-    """A body that fits the write buffer fails at the commit's flush, in the pool thread."""
+    """A body under SPILL_BYTES is written only at commit (pool thread) and fails there."""
     store = _open_store(str(small_fs / "queue"))
     try:
         with open(small_fs / "filler", "wb") as filler:
