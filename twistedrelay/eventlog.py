@@ -25,7 +25,14 @@ from collections.abc import MutableMapping
 from datetime import UTC, datetime
 from typing import IO, Any
 
-from twisted.logger import FileLogObserver, ILogObserver, Logger, formatEvent
+from twisted.logger import (
+    FileLogObserver,
+    ILogObserver,
+    InvalidLogLevelError,
+    Logger,
+    LogLevel,
+    formatEvent,
+)
 
 from twistedrelay.smtp.replies import Reply
 
@@ -266,7 +273,8 @@ def format_json_line(event: MutableMapping[str, Any]) -> str | None:
     """One log event as one JSON object and a newline.
 
     Mail events carry ``event``, ``queue_id`` and their fields; every event carries
-    ``time`` (ISO 8601, UTC), ``level``, ``namespace`` and ``text`` (the formatted message).
+    ``time`` (ISO 8601, UTC), ``level``, ``namespace`` and ``text`` (the formatted message);
+    events a worker logged and the master relayed carry ``worker`` (its slot).
     """
     level = event.get("log_level")
     record: dict[str, Any] = {
@@ -278,6 +286,8 @@ def format_json_line(event: MutableMapping[str, Any]) -> str | None:
         record["event"] = event["mail_event"]
         record["queue_id"] = event["queue_id"]
         record.update(event.get("mail_fields", {}))
+    if "worker" in event:
+        record["worker"] = event["worker"]
     record["text"] = formatEvent(event)
     failure = event.get("log_failure")
     if failure is not None:
@@ -288,6 +298,38 @@ def format_json_line(event: MutableMapping[str, Any]) -> str | None:
 def json_lines_observer(out: IO[str]) -> ILogObserver:
     """An observer writing every log event as one JSON line to ``out``."""
     return FileLogObserver(out, format_json_line)
+
+
+def reemit_json_line(line: str, observer: ILogObserver | None = None, **extra: Any) -> bool:
+    """Log again, with its structure, an event a worker wrote with :func:`format_json_line`.
+
+    Workers log to their standard output and the master re-logs each line. In JSON mode this
+    keeps a worker's mail events structured in the master's output (same namespace, level,
+    ``event``, ``queue_id`` and fields) instead of nesting them as text.
+
+    :param observer: where to log; the global log publisher by default.
+    :param extra: fields to add, e.g. ``worker=slot``.
+    :returns: False when ``line`` is not such a JSON object (the caller logs it as text).
+    """
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        return False
+    try:
+        level = LogLevel.levelWithName(str(record.get("level", "info")))
+    except InvalidLogLevelError:
+        level = LogLevel.info
+    fields: dict[str, Any] = {"mail_line": record["text"], **extra}
+    if "event" in record and "queue_id" in record:
+        known = {"time", "level", "namespace", "text", "event", "queue_id"}
+        fields["mail_event"] = record["event"]
+        fields["queue_id"] = record["queue_id"]
+        fields["mail_fields"] = {k: v for k, v in record.items() if k not in known}
+    logger = Logger(namespace=str(record.get("namespace") or NAMESPACE), observer=observer)
+    logger.emit(level, "{mail_line}", **fields)
+    return True
 
 
 def configure_twistd_logger(server_options: MutableMapping[str, Any], log_format: str) -> None:
@@ -322,5 +364,6 @@ __all__ = [
     "format_json_line",
     "format_relay",
     "json_lines_observer",
+    "reemit_json_line",
     "sanitize",
 ]

@@ -19,6 +19,7 @@ from twistedrelay.eventlog import (
     format_json_line,
     format_relay,
     json_lines_observer,
+    reemit_json_line,
     sanitize,
 )
 from twistedrelay.smtp.replies import Reply
@@ -228,3 +229,30 @@ def test_configure_twistd_logger_installs_json_only_when_asked(tmp_path):
     observer._outFile.close()
     (line,) = (tmp_path / "relay.log").read_text().splitlines()
     assert json.loads(line)["text"] == "hello ops"
+
+
+def test_a_workers_json_line_is_reemitted_with_its_structure():
+    """The master re-logs a worker's JSON mail event as the same structured event."""
+    log, events = capture()
+    log.queued(QID, "alice@example.org", 99, 1, "192.0.2.7")
+    worker_line = format_json_line(events[0]).strip()
+    relayed: list[dict[str, Any]] = []
+    assert reemit_json_line(worker_line, relayed.append, worker=1)
+    (event,) = relayed
+    assert event["log_namespace"] == NAMESPACE
+    assert event["log_level"] is LogLevel.info
+    assert event["worker"] == 1
+    assert formatEvent(event) == formatEvent(events[0])
+    again = json.loads(format_json_line(event))
+    original = json.loads(worker_line)
+    assert {k: v for k, v in again.items() if k != "time"} == {
+        k: v for k, v in original.items() if k != "time"
+    } | {"worker": 1}
+
+
+@pytest.mark.parametrize("line", ["[twistedrelay.mail#info] x", "{not json", "[1, 2]", '{"a": 1}'])
+def test_lines_that_are_not_json_events_are_left_to_the_caller(line: str):
+    """Text lines (text mode, tracebacks on stderr) are not swallowed."""
+    relayed: list[dict[str, Any]] = []
+    assert not reemit_json_line(line, relayed.append)
+    assert relayed == []
