@@ -350,8 +350,11 @@ def test_address_in_use_is_a_startup_error_naming_it(tmp_path) -> None:
         result = subprocess.run(
             [sys.executable, "-m", "twistedrelay.process", "--config", str(config)],
             cwd=tmp_path,
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             timeout=30,
         )
+    output = result.stdout.decode()
     assert result.returncode == 2
-    assert f"cannot listen for smtp on 127.0.0.1:{port}" in result.stderr.decode()
+    assert f"cannot start: cannot listen for smtp on 127.0.0.1:{port}" in output
+    assert "Traceback" not in output

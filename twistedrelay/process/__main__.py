@@ -16,14 +16,14 @@ from twisted.logger import globalLogBeginner, textFileLogObserver
 
 from twistedrelay.config import ConfigError, load_config
 from twistedrelay.process.master import MasterService
-from twistedrelay.process.sockets import ListenError
 from twistedrelay.process.worker import DEFAULT_PAYLOAD
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run until stopped by a signal.
 
-    :returns: 0 after a clean stop, 2 when the config or a listener is unusable.
+    :returns: 0 after a clean stop, 2 when the config is unusable.
+    :raises SystemExit: with status 2 when a listener cannot be bound.
     """
     parser = argparse.ArgumentParser(prog="python -m twistedrelay.process")
     parser.add_argument("--config", default=None, help="config file (default: embedded)")
@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         master = MasterService(config, args.config, reactor, payload=args.payload)
         master.privilegedStartService()
         master.startService()
-    except (ConfigError, ListenError) as e:
+    except ConfigError as e:
         print(f"twistedrelay: cannot start: {e}", file=sys.stderr)
         return 2
     reactor.addSystemEventTrigger("before", "shutdown", master.stopService)

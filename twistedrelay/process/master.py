@@ -401,8 +401,9 @@ class MasterService(MultiService):
         self._reactor = reactor
         self._payload = payload
         self._metrics_service = metrics_service
-        self.metrics_directory = metrics_directory or os.path.join(
-            config.queue.directory, "metrics"
+        # Absolute: workers get it in their environment and might not share our cwd.
+        self.metrics_directory = os.path.abspath(
+            metrics_directory or os.path.join(config.queue.directory, "metrics")
         )
         worker_identity(config)  # fail in makeService, not after the sockets are bound
         self.listeners = ListeningSockets(config, include_metrics=metrics_service is not None)

@@ -121,7 +121,12 @@ class ListeningSockets(Service):
     @override
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        self.bind_all()
+        try:
+            self.bind_all()
+        except ListenError as e:
+            # A start-up error for the operator, not a traceback: the message names it all.
+            log.critical("cannot start: {error}", error=str(e))
+            raise SystemExit(2) from None
 
     @override
     def stopService(self) -> None:
