@@ -37,7 +37,6 @@ reports the cached counts.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -386,14 +385,16 @@ def use_multiprocess_values(directory: str | os.PathLike[str]) -> None:
 
 
 def prepare_multiprocess_dir(directory: str | os.PathLike[str]) -> Path:
-    """Create ``directory`` (the master, at start) and remove files left by earlier runs.
+    """Create ``directory`` (the master, at start) and remove metric files of earlier runs.
 
-    Old files would add counters of processes from a previous run to the sums.
+    Old files would add counters of processes from a previous run to the sums. Only
+    prometheus_client's ``*.db`` files are removed, so a mistyped path never empties anything
+    else.
     """
     path = Path(directory)
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True, mode=0o750)
+    path.mkdir(parents=True, mode=0o750, exist_ok=True)
+    for old in path.glob("*.db"):
+        old.unlink()
     return path
 
 

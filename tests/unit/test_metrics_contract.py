@@ -280,8 +280,10 @@ def test_prepare_multiprocess_dir_empties_files_of_an_earlier_run(tmp_path: Path
     directory = tmp_path / "metrics"
     directory.mkdir()
     (directory / "counter_123.db").write_bytes(b"old")
+    (directory / "gauge_livesum_123.db").write_bytes(b"old")
+    (directory / "not-ours").write_bytes(b"keep")
     assert metrics.prepare_multiprocess_dir(directory) == directory
-    assert os.listdir(directory) == []
+    assert os.listdir(directory) == ["not-ours"]
 
 
 def test_worker_environment_names_the_directory(tmp_path: Path):
