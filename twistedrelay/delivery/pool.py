@@ -147,7 +147,6 @@ class DestinationPool:
             timeout=self.settings.connect_timeout,
         )
         self.open_count += 1
-        self.metrics.outbound_connection_opened()
         protocol.closed.addBoth(self._closed)
         try:
             await protocol.ready
@@ -157,11 +156,13 @@ class DestinationPool:
             elif not protocol.closed.called:
                 protocol.closed.callback(None)
             raise
+        # Counted once the host greeted and took EHLO, so refused connects do not inflate it.
+        self.metrics.outbound_connection_opened()
+        protocol.closed.addBoth(lambda _: self.metrics.outbound_connection_closed())
         return PooledConnection(protocol, host)
 
     def _closed(self, _: object) -> None:
         self.open_count -= 1
-        self.metrics.outbound_connection_closed()
 
     async def release(self, pooled: PooledConnection) -> None:
         """Give a connection back after a transaction: keep it warm (RSET) or QUIT it."""

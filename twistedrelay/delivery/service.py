@@ -64,6 +64,7 @@ class ActiveEntry:
 
     claimed: ClaimedEntry
     jobs_left: int = 0
+    finished: bool = False
     outcomes: dict[str, tuple[Recipient, Outcome, str]] = field(default_factory=dict)
 
     @property
@@ -198,7 +199,11 @@ class DeliveryService(Service):
         for recipient in claimed.status.pending(claimed.envelope):
             groups.setdefault(self.routes.destination_for(recipient.domain), []).append(recipient)
         entry.jobs_left = len(groups)
+        if not groups:
+            self._finish_entry(entry)
+            return
         now = self.reactor.seconds()
+        refused = []
         for destination, recipients in groups.items():
             job = Job(
                 entry.queue_id,
@@ -207,9 +212,10 @@ class DeliveryService(Service):
                 JobPayload(entry, destination, tuple(recipients)),
             )
             if not self.scheduler.add(job, now):
-                self._refuse(job)
-        if entry.jobs_left == 0:
-            self._finish_entry(entry)
+                refused.append(job)
+        # Each refused job counts down jobs_left; the last one finishes the entry.
+        for job in refused:
+            self._refuse(job)
 
     def _refuse(self, job: Job[JobPayload]) -> None:
         """A job of a dead destination: its recipients are deferred with the last error."""
@@ -248,13 +254,16 @@ class DeliveryService(Service):
         entry, destination = payload.entry, payload.destination
         failure: Outcome | None = None
         try:
+            queries_before = self.resolver.queries_sent
             try:
                 hosts = await self.resolver.resolve_destination(
                     destination, self.config.delivery.smtp_port
                 )
-                self.metrics.dns_lookup("mx")
+                if self.resolver.queries_sent > queries_before:
+                    self.metrics.dns_lookup("mx")
             except ResolverError as e:
-                self.metrics.dns_lookup("mx", failed=True)
+                if self.resolver.queries_sent > queries_before:
+                    self.metrics.dns_lookup("mx", failed=True)
                 outcome = classify_dns_failure(e)
                 if outcome.result is Result.DEFERRED:
                     failure = outcome
@@ -365,6 +374,9 @@ class DeliveryService(Service):
             self._finish_entry(entry)
 
     def _finish_entry(self, entry: ActiveEntry) -> None:
+        if entry.finished:
+            return
+        entry.finished = True
         finishing = defer.ensureDeferred(self._finalize(entry))
         finishing.addErrback(
             lambda f: _log.failure(
