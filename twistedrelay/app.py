@@ -21,7 +21,7 @@ from typing_extensions import override
 from twistedrelay.auth import Authenticator, UsersFile
 from twistedrelay.config import Config, ConfigError, load_config
 from twistedrelay.delivery.service import build_delivery_service
-from twistedrelay.eventlog import MailLog
+from twistedrelay.eventlog import MailLog, configure_twistd_logger
 from twistedrelay.hooks import load_plugins, plugin_state_directory
 from twistedrelay.metrics import RelayMetrics
 from twistedrelay.metrics_http import metrics_service_factory
@@ -48,6 +48,8 @@ class Options(usage.Options):
             self["relay_config"] = load_config(self["config"])
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        if self.parent is not None:
+            configure_twistd_logger(self.parent, self["relay_config"].log.format)
 
 
 def makeService(options: Options) -> IService:
