@@ -6,6 +6,7 @@ The test plays the master: it binds a loopback socket, passes it to
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -181,3 +182,13 @@ def test_unusable_config_exits_two(start_worker, tmp_path) -> None:
     worker = start_worker(config=config)
     assert worker.proc.wait(10) == 2
     worker.wait_for("smtp.listen")
+
+
+def test_json_log_format_writes_one_json_object_per_line(start_worker, tmp_path) -> None:
+    """With [log] format = "json" every line the worker writes is a JSON object."""
+    config = write_config(tmp_path / "relay.toml")
+    config.write_text(config.read_text() + '[log]\nformat = "json"\n')
+    worker = start_worker(config=config)
+    worker.wait_for("worker 3 started")
+    records = [json.loads(line) for line in worker.lines]
+    assert {"level", "namespace", "text"} <= set(records[-1])

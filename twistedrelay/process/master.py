@@ -41,6 +41,7 @@ from twisted.python.failure import Failure
 from typing_extensions import override
 
 from twistedrelay.config import Config, ConfigError, load_config
+from twistedrelay.eventlog import reemit_json_line
 from twistedrelay.metrics import mark_worker_dead, prepare_multiprocess_dir, worker_environment
 from twistedrelay.process.control import ControlCommand, encode_command
 from twistedrelay.process.sockets import BoundSocket, ListeningSockets
@@ -190,6 +191,8 @@ class WorkerProcessProtocol(ProcessProtocol):
 
     def _log_line(self, fd: int, raw: bytes) -> None:
         line = raw[:MAX_LOG_LINE_BYTES].rstrip(b"\r").decode("utf-8", "replace")
+        if fd == 1 and line.startswith("{") and reemit_json_line(line, worker=self.slot):
+            return
         if fd == 2:
             # stderr carries what escaped the log (a traceback at import time, a C library).
             log.warn("worker {slot}: {line}", slot=self.slot, line=line)

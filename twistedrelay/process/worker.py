@@ -37,7 +37,8 @@ Lifecycle invariants:
   logged, the old config kept.
 - The payload failing to import or build exits 1, so the master's restart backoff applies.
 - Log events are written one per line to stdout, without timestamps: the master re-logs each
-  line with a "worker N" prefix and its own timestamp.
+  line with a "worker N" prefix and its own timestamp. With ``[log] format = "json"`` each
+  line is a JSON object, which the master re-emits with its fields and ``worker=N``.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from twisted.python.failure import Failure
 from zope.interface import provider
 
 from twistedrelay.config import Config, ConfigError, load_config
+from twistedrelay.eventlog import json_lines_observer
 from twistedrelay.process.control import ControlCommand, ControlDecoder
 
 DEFAULT_PAYLOAD = "twistedrelay.app:build_worker_service"
@@ -336,12 +338,19 @@ def main(argv: Sequence[str] | None = None, reactor: Any = None) -> int:
     """
     args = _parse_args(sys.argv[1:] if argv is None else argv)
     set_parent_death_signal()
-    globalLogBeginner.beginLoggingTo([line_observer(sys.stdout)], redirectStandardIO=False)
     config_path = args.config or None
     try:
-        config = load_config(config_path)
+        config: Config | None = load_config(config_path)
     except ConfigError as e:
-        log.critical("cannot start: {error}", error=str(e))
+        config, config_error = None, e
+    if config is not None and config.log.format == "json":
+        # One JSON object per line; the master re-emits it with its fields (eventlog.py).
+        observer = json_lines_observer(sys.stdout)
+    else:
+        observer = line_observer(sys.stdout)
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    if config is None:
+        log.critical("cannot start: {error}", error=str(config_error))
         return 2
     if reactor is None:
         from twisted.internet import reactor
