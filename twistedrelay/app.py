@@ -20,7 +20,7 @@ from typing_extensions import override
 
 from twistedrelay.auth import Authenticator, UsersFile
 from twistedrelay.config import Config, ConfigError, load_config
-from twistedrelay.delivery.service import build_delivery_service
+from twistedrelay.delivery.service import DeliveryService, build_delivery_service
 from twistedrelay.eventlog import MailLog, configure_twistd_logger
 from twistedrelay.hooks import load_plugins, plugin_state_directory
 from twistedrelay.metrics import RelayMetrics
@@ -66,11 +66,36 @@ def makeService(options: Options) -> IService:
     )
 
 
+class WorkerService(MultiService):
+    """A worker's service tree, reloadable on SIGHUP without dropping connections.
+
+    Sessions read their collaborators from the shared InboundParts at each command, so a new
+    config (limits, relay policy) applies to every session from its next command, and a
+    reloaded certificate to every new TLS handshake. Routes and delivery limits go to the
+    delivery service.
+    """
+
+    def __init__(self, parts: InboundParts, delivery: DeliveryService) -> None:
+        super().__init__()
+        self.parts = parts
+        self.delivery = delivery
+
+    def reload_config(self, config: Config) -> None:
+        """Apply a new, already validated config.
+
+        :raises ConfigError: the new certificate cannot be loaded (the old one stays).
+        """
+        if self.parts.server_tls is not None:
+            self.parts.server_tls.reload()
+        self.parts.config = config
+        self.parts.policy = RelayPolicy(config.relay.mynetworks, config.relay.domains)
+        self.delivery.reload_config(config)
+
+
 def build_worker_service(
     config: Config, slot: int, reactor: Any, sockets: Mapping[str, Sequence[InheritedSocket]]
 ) -> IService:
     """The worker payload: inbound SMTP on the inherited sockets plus the delivery engine."""
-    service = MultiService()
     store = QueueStore(str(config.queue.directory), reactor)
     metrics = RelayMetrics.for_worker()
     maillog = MailLog()
@@ -104,6 +129,7 @@ def build_worker_service(
         server_tls=server_tls,
         authenticator=authenticator,
     )
+    service = WorkerService(parts, delivery)
     # Inbound stops first (stop accepting, drain sessions), then delivery requeues its work.
     delivery.setServiceParent(service)
     drain = min(10.0, config.workers.shutdown_timeout / 2)
