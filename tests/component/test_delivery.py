@@ -1,0 +1,382 @@
+"""The delivery engine end to end in one process: queue files → DeliveryService → sinks.
+
+Real reactor, real queue directory, SinkServer on loopback as the receiving MTA and
+DNSTestServer for MX lookups. Every wait is bounded by a deadline.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet.task import deferLater
+from twisted.logger import LogEvent, Logger
+
+from twistedrelay.config import parse_config
+from twistedrelay.delivery.service import DeliveryService, build_delivery_service
+from twistedrelay.eventlog import MailLog
+from twistedrelay.hooks import load_plugins
+from twistedrelay.metrics import RelayMetrics
+from twistedrelay.queue.entry import Envelope, Recipient
+from twistedrelay.queue.store import QueueStore
+from twistedrelay.testing.dns_server import DNSTestServer
+from twistedrelay.testing.sink import SinkServer, Stage, delay_at, tempfail_times
+
+DEADLINE_SECONDS = 10.0
+SENDER = "alice@sender.test"
+
+
+def _reactor() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
+
+
+class Relay:
+    """A DeliveryService over a fresh queue, with the mail log captured in memory."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        delivery: dict[str, Any],
+        nameservers: list[str] | None = None,
+    ) -> None:
+        self.reactor = _reactor()
+        queue_dir = tmp_path / "queue"
+        QueueStore.create(str(queue_dir))
+        settings: dict[str, Any] = {
+            "hostname": "relay.example.test",
+            "workers": {"count": 1},
+            "queue": {"directory": str(queue_dir)},
+            "delivery": {
+                "minimal_backoff": 1,
+                "maximal_backoff": 2,
+                "idle_timeout": 1,
+                "queue_scan_interval": 0.2,
+                "connect_timeout": 2,
+                **delivery,
+            },
+        }
+        if nameservers is not None:
+            settings["dns"] = {"nameservers": nameservers, "timeout": 2}
+        self.config = parse_config(settings, "<test>")
+        self.store = QueueStore(str(queue_dir), self.reactor)
+        self.log_events: list[LogEvent] = []
+        self.service: DeliveryService = build_delivery_service(
+            self.config,
+            1,
+            self.reactor,
+            store=self.store,
+            metrics=RelayMetrics(),
+            maillog=MailLog(Logger(namespace="twistedrelay.mail", observer=self.log_events.append)),
+            hooks=load_plugins(self.config.plugins, self.reactor),
+        )
+
+    async def queue(
+        self, recipients: list[str], content: bytes | None = None, sender: str = SENDER
+    ) -> str:
+        """Queue one message durably in incoming/ and tell the service; returns its ID."""
+        message = self.store.open_message()
+        message.write(content if content is not None else _content(message.queue_id))
+        await message.commit(
+            Envelope(
+                queue_id=message.queue_id,
+                sender=sender,
+                recipients=tuple(Recipient(r) for r in recipients),
+                arrival_time=self.reactor.seconds(),
+            )
+        )
+        self.service.notify_queued(message.queue_id)
+        return message.queue_id
+
+    async def stop(self) -> None:
+        await self.service.stopService()
+        self.store.close()
+
+    def mail_log(self) -> list[str]:
+        return [e["mail_line"] for e in self.log_events if "mail_line" in e]
+
+    def deliveries(self, queue_id: str, status: str = "") -> list[str]:
+        """The mail-log delivery lines of ``queue_id`` (with ``status=...`` when given)."""
+        return [
+            line
+            for line in self.mail_log()
+            if line.startswith(f"{queue_id}: to=") and f"status={status}" in line
+        ]
+
+    def queue_empty(self) -> bool:
+        return not any(self.store.counts().values()) and not self.service.active
+
+
+def _content(tag: str) -> bytes:
+    return f"Subject: test {tag}\r\nMessage-ID: <{tag}@sender.test>\r\n\r\nbody {tag}\r\n".encode()
+
+
+async def _until(condition: Callable[[], bool], what: str) -> None:
+    """Poll ``condition`` every 20 ms until it holds; fail after DEADLINE_SECONDS."""
+    reactor = _reactor()
+    deadline = reactor.seconds() + DEADLINE_SECONDS
+    while not condition():
+        if reactor.seconds() > deadline:
+            pytest.fail(f"timed out waiting for: {what}")
+        await deferLater(reactor, 0.02, lambda: None)
+
+
+def _route(sink: SinkServer) -> str:
+    return f"[127.0.0.1]:{sink.port}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_recipient_delivered_once_over_reused_connections(tmp_path: Path) -> None:
+    """20 messages × 2 recipients: 20 transactions with both, few connections, empty queue."""
+    sink = SinkServer(_reactor())
+    sink.start()
+    relay = Relay(tmp_path, {"routes": {"*": _route(sink)}})
+    relay.service.startService()
+    try:
+        queued = [await relay.queue(["a@dest.test", "b@dest.test"]) for _ in range(20)]
+        await sink.wait_for_messages(20, DEADLINE_SECONDS)
+        await _until(relay.queue_empty, "queue empty")
+        assert len(sink.messages) == 20
+        assert sink.stats.transactions == 20
+        for message in sink.messages:
+            assert sorted(message.recipients) == [b"a@dest.test", b"b@dest.test"]
+        subjects = sorted(m.content.split(b"\r\n")[0] for m in sink.messages)
+        assert subjects == sorted(f"Subject: test {q}".encode() for q in queued)
+        # Slow start and reuse: far fewer connections than messages.
+        assert sink.stats.connections_total < 20
+        assert sink.stats.connections_total <= 5
+    finally:
+        await relay.stop()
+        await sink.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_destination_concurrency_caps_connections(tmp_path: Path) -> None:
+    """destination_concurrency=2 with a slow sink: never more than 2 connections at once."""
+    sink = SinkServer(_reactor(), script=delay_at(Stage.MESSAGE, 0.2))
+    sink.start()
+    relay = Relay(tmp_path, {"routes": {"*": _route(sink)}, "destination_concurrency": 2})
+    relay.service.startService()
+    try:
+        for _ in range(10):
+            await relay.queue(["a@dest.test"])
+        await sink.wait_for_messages(10, DEADLINE_SECONDS)
+        await _until(relay.queue_empty, "queue empty")
+        # The window grew to the cap (slow start) and never beyond it.
+        assert sink.stats.connections_max_concurrent == 2
+        assert len(sink.messages) == 10
+    finally:
+        await relay.stop()
+        await sink.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_tempfail_is_deferred_then_delivered_once(tmp_path: Path) -> None:
+    """A 451 at end of data defers the entry with a next attempt; a later scan delivers it."""
+    sink = SinkServer(_reactor(), script=tempfail_times(1))
+    sink.start()
+    relay = Relay(tmp_path, {"routes": {"*": _route(sink)}})
+    relay.service.startService()
+    try:
+        queue_id = await relay.queue(["a@dest.test"])
+        await _until(lambda: relay.store.counts()["deferred"] == 1, "entry deferred")
+        ((deferred_id, next_attempt_at),) = relay.store.scan_deferred()
+        assert deferred_id == queue_id
+        assert next_attempt_at > relay.reactor.seconds()
+        assert sink.messages == []
+        await sink.wait_for_messages(1, DEADLINE_SECONDS)
+        await _until(relay.queue_empty, "queue empty")
+        assert len(sink.messages) == 1
+        assert sink.stats.refusals.get(451) == 1
+        log = relay.mail_log()
+        assert any(f"{queue_id}: " in line and "status=deferred" in line for line in log)
+        assert any(f"{queue_id}: " in line and "status=sent" in line for line in log)
+    finally:
+        await relay.stop()
+        await sink.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_rejected_recipient_gets_dsn_and_bounce_gets_none(tmp_path: Path) -> None:
+    """A 5xx recipient produces a multipart/report DSN to the sender; a null-sender bounce none."""
+    sink = SinkServer(_reactor())
+    sink.start()
+    relay = Relay(tmp_path, {"routes": {"*": _route(sink)}})
+    relay.service.startService()
+    try:
+        queue_id = await relay.queue(["ok@dest.test", "reject-me@dest.test"])
+        messages = await sink.wait_for_messages(2, DEADLINE_SECONDS)
+        await _until(relay.queue_empty, "queue empty")
+        original, dsn = sorted(messages, key=lambda m: m.sender == b"")
+        assert original.recipients == (b"ok@dest.test",)
+        assert dsn.sender == b""
+        assert dsn.recipients == (SENDER.encode(),)
+        report = email.message_from_bytes(dsn.content, policy=email.policy.compat32)
+        assert report.get_content_type() == "multipart/report"
+        assert report.get_param("report-type") == "delivery-status"
+        (status_part,) = [
+            p for p in report.walk() if p.get_content_type() == "message/delivery-status"
+        ]
+        fields = _status_fields(status_part)
+        assert fields["final-recipient"].lower() == "rfc822; reject-me@dest.test"
+        assert fields["action"] == "failed"
+        assert fields["status"].startswith("5.")
+        assert fields["diagnostic-code"].lower().startswith("smtp; 5")
+        assert any(f"{queue_id}: " in line and "non-delivery" in line for line in relay.mail_log())
+
+        # The null sender: bounced, no DSN (RFC 5321 §4.5.5).
+        before = len(sink.messages)
+        bounce_id = await relay.queue(["reject-again@dest.test"], sender="")
+        await _until(
+            lambda: any(
+                f"{bounce_id}: " in line and "status=bounced" in line for line in relay.mail_log()
+            ),
+            "null-sender message bounced",
+        )
+        await _until(relay.queue_empty, "queue empty")
+        await deferLater(relay.reactor, 0.3, lambda: None)
+        assert len(sink.messages) == before
+        assert not any(
+            f"{bounce_id}: " in line and "non-delivery" in line for line in relay.mail_log()
+        )
+        assert relay.queue_empty()
+    finally:
+        await relay.stop()
+        await sink.stop()
+
+
+def _status_fields(part: Any) -> dict[str, str]:
+    """The per-recipient fields of a message/delivery-status part (RFC 3464 §2.3)."""
+    blocks = part.get_payload()
+    per_recipient = blocks[1] if len(blocks) > 1 else blocks[0]
+    return {k.lower(): " ".join(v.split()) for k, v in per_recipient.items()}
+
+
+@pytest_twisted.ensureDeferred
+async def test_null_mx_and_nxdomain_bounce_and_mx_failover(tmp_path: Path) -> None:
+    """Null MX bounces 5.1.10 unconnected, NXDOMAIN 5.1.2 with a DSN, a refused MX fails over."""
+    reactor = _reactor()
+    sink = SinkServer(reactor)
+    port = sink.start()
+    dns = DNSTestServer(
+        {
+            "nullmx.test": {"MX": [[0, "."]]},
+            "failover.test": {"MX": [[10, "mx1.failover.test"], [20, "mx2.failover.test"]]},
+            "mx1.failover.test": {"A": ["127.0.0.2"]},
+            "mx2.failover.test": {"A": ["127.0.0.1"]},
+        }
+    )
+    dns_port = dns.start(reactor)
+    relay = Relay(
+        tmp_path,
+        {"smtp_port": port, "routes": {"sender.test": _route(sink)}},
+        nameservers=[f"127.0.0.1:{dns_port}"],
+    )
+    relay.service.startService()
+    try:
+        null_id = await relay.queue(["x@nullmx.test"])
+        await _until(
+            lambda: relay.deliveries(null_id, "bounced"),
+            "null MX bounced",
+        )
+        (line,) = relay.deliveries(null_id)
+        assert "relay=none" in line and "dsn=5.1.10" in line
+        # The only connection is the one that delivers the DSN to the sender's route.
+        dsn = (await sink.wait_for_messages(1, DEADLINE_SECONDS))[0]
+        assert dsn.sender == b"" and dsn.recipients == (SENDER.encode(),)
+        assert b"5.1.10" in dsn.content
+        assert sink.stats.connections_total == 1
+
+        nx_id = await relay.queue(["x@nowhere.test"])
+        await _until(
+            lambda: relay.deliveries(nx_id, "bounced"),
+            "NXDOMAIN bounced",
+        )
+        (line,) = relay.deliveries(nx_id)
+        assert "dsn=5.1.2" in line
+        messages = await sink.wait_for_messages(2, DEADLINE_SECONDS)
+        assert messages[1].sender == b"" and b"5.1.2" in messages[1].content
+
+        failover_id = await relay.queue(["x@failover.test"])
+        messages = await sink.wait_for_messages(3, DEADLINE_SECONDS)
+        assert messages[2].recipients == (b"x@failover.test",)
+        await _until(
+            lambda: relay.deliveries(failover_id),
+            "failover delivery logged",
+        )
+        (line,) = relay.deliveries(failover_id)
+        assert "status=sent" in line and "mx2.failover.test" in line
+        await _until(relay.queue_empty, "queue empty")
+    finally:
+        await relay.stop()
+        await dns.stop()
+        await sink.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_three_domains_share_one_entry(tmp_path: Path) -> None:
+    """One message to three routed domains: each sink gets it once; one file, removed at the end."""
+    reactor = _reactor()
+    sinks = [SinkServer(reactor, script=delay_at(Stage.MESSAGE, 0.3)) for _ in range(3)]
+    for sink in sinks:
+        sink.start()
+    routes = {f"d{i}.test": _route(sink) for i, sink in enumerate(sinks, 1)}
+    relay = Relay(tmp_path, {"routes": routes})
+    relay.service.startService()
+    try:
+        queue_id = await relay.queue(["a@d1.test", "b@d2.test", "c@d3.test"])
+        await _until(lambda: all(s.stats.transactions for s in sinks), "three transactions")
+        # While the three jobs run, the body is stored once.
+        entry_files = [f for _, _, files in os.walk(relay.config.queue.directory) for f in files]
+        assert [f for f in entry_files if queue_id in f] == [queue_id]
+        for sink, address in zip(sinks, [b"a@d1.test", b"b@d2.test", b"c@d3.test"], strict=True):
+            (message,) = await sink.wait_for_messages(1, DEADLINE_SECONDS)
+            assert message.recipients == (address,)
+        await _until(relay.queue_empty, "queue empty")
+        await deferLater(reactor, 0.3, lambda: None)
+        assert [len(s.messages) for s in sinks] == [1, 1, 1]
+    finally:
+        await relay.stop()
+        for sink in sinks:
+            await sink.stop()
+
+
+def _pad_to(content: bytearray, offset: int) -> None:
+    """Append short 'x' lines so that the next line starts exactly at ``offset``."""
+    while len(content) < offset:
+        room = offset - len(content)
+        length = min(room, 500) if room - 500 >= 3 or room <= 500 else room - 3
+        content += b"x" * (length - 2) + b"\r\n"
+    assert len(content) == offset
+
+
+@pytest_twisted.ensureDeferred
+async def test_leading_dots_at_chunk_boundaries_arrive_intact(tmp_path: Path) -> None:
+    """Lines starting with '.' at 16 KiB, 64 KiB and after a CR|LF split arrive unchanged."""
+    content = bytearray(b"Subject: dots\r\n\r\n")
+    _pad_to(content, 16 * 1024)
+    content += b".dot at 16 KiB\r\n"
+    _pad_to(content, 64 * 1024)
+    content += b".\r\n"  # a lone dot: unstuffed it would end DATA early
+    _pad_to(content, 128 * 1024 + 1)  # the 64 KiB chunk ends between CR and LF
+    content += b"..two dots after a split CRLF\r\n"
+    content += b"last line\r\n"
+    sink = SinkServer(_reactor())
+    sink.start()
+    relay = Relay(tmp_path, {"routes": {"*": _route(sink)}})
+    relay.service.startService()
+    try:
+        await relay.queue(["a@dest.test"], bytes(content))
+        (message,) = await sink.wait_for_messages(1, DEADLINE_SECONDS)
+        assert message.content == bytes(content)
+        await _until(relay.queue_empty, "queue empty")
+    finally:
+        await relay.stop()
+        await sink.stop()
