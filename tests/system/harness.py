@@ -22,7 +22,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
@@ -121,9 +121,17 @@ class RelayProcess:
 
     :param config: the relay.toml to run.
     :param run_directory: cwd of twistd; its log, pid file and captured output go here.
+    :param twistd: the command that runs twistd (default: the project venv's script).
+    :param environment: the relay's environment (default: this process's).
     """
 
-    def __init__(self, config: Path, run_directory: Path) -> None:
+    def __init__(
+        self,
+        config: Path,
+        run_directory: Path,
+        twistd: Sequence[str] = (TWISTD,),
+        environment: Mapping[str, str] | None = None,
+    ) -> None:
         self.config = config
         run_directory.mkdir(parents=True, exist_ok=True)
         self.log_path = run_directory / "twistd.log"
@@ -131,7 +139,7 @@ class RelayProcess:
         with open(self.output_path, "wb") as output:
             self.proc = subprocess.Popen(
                 [
-                    TWISTD,
+                    *twistd,
                     "--nodaemon",
                     "--pidfile",
                     str(run_directory / "twistd.pid"),
@@ -142,6 +150,7 @@ class RelayProcess:
                     str(config),
                 ],
                 cwd=run_directory,
+                env=environment,
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=subprocess.STDOUT,
