@@ -12,7 +12,8 @@ import pytest_twisted
 from twisted.internet.defer import gatherResults
 
 from twistedrelay.queue.entry import DEFERRED, DELIVERED, EntryStatus, Envelope, Recipient
-from twistedrelay.queue.store import FOOTER_SIZE, SPILL_BYTES, FileSystem, QueueStore
+from twistedrelay.queue.incoming import FOOTER_SIZE, SPILL_BYTES, FileSystem
+from twistedrelay.queue.store import QueueStore
 
 BODY = (
     b"Received: from client.example.org by relay.example.test\r\n"

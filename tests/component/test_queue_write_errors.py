@@ -17,7 +17,8 @@ import pytest
 import pytest_twisted
 
 from twistedrelay.queue.entry import Envelope, Recipient
-from twistedrelay.queue.store import SPILL_BYTES, FileSystem, QueueStore, QueueWriteError
+from twistedrelay.queue.incoming import SPILL_BYTES, FileSystem, QueueWriteError
+from twistedrelay.queue.store import QueueStore
 from twistedrelay.smtp import replies
 
 

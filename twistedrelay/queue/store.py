@@ -11,19 +11,19 @@ instant leaves every acknowledged entry queued or delivered: at-least-once.
 
 Rule 2: the reactor thread never waits for the disk on the accept path. Content is
 collected in memory and written by pool threads (creating the file, writing, fdatasync,
-rename; see IncomingMessage), and directory fsyncs are shared by concurrent commits
+rename; see queue/incoming.py), and directory fsyncs are shared by concurrent commits
 (group_commit.py). The delivery side's renames, unlinks and small reads run in the reactor
 thread: they cost tens of microseconds, unlike a file creation or an fsync.
 
 The entry file (one per queue entry, named by its queue ID, mode 0600), in this order:
 
 1. the message content, ``content_size`` bytes, exactly as DATA decoding produced it (the
-   Received header first); streamed to the file while DATA arrives;
+   Received header first); written behind while DATA arrives (or at commit when small);
 2. the trailer: the envelope as one line of JSON (``Envelope.to_json()``,
    ``trailer_size`` bytes), written at the end of DATA, so data hooks can still add
    headers or decide hold;
 3. the footer, 34 bytes of ASCII: LF, ``#TRQ1``, a space, ``trailer_size`` in 10 decimal
-   digits, a space, ``content_size`` in 15 decimal digits, LF (``FOOTER_FORMAT``).
+   digits, a space, ``content_size`` in 15 decimal digits, LF (incoming.FOOTER_FORMAT).
 
 Reading the envelope is a read of the last 34 bytes and then of the trailer; reading the
 content is the first content_size bytes. A file whose size is not content_size +
@@ -34,13 +34,14 @@ The status sidecar status/<queue ID> holds EntryStatus.to_json(): the per-recipi
 outcomes so far. It is replaced atomically (written to tmp/, fsync'd, renamed). No
 sidecar means no attempt yet.
 
-States and moves (layout.py names the directories)::
+States and moves (layout.py names the directories):
 
-    tmp ──commit──▶ incoming ──claim──▶ active/<owner> ──complete──▶ (removed)
-            └─────▶ hold        ▲               │ ├──mark_deferred──▶ deferred
-                                │               │ └──release────────▶ incoming
-          reclaim(owner) ◀──────┘ (dead worker) │
-    deferred ──claim (when due) / requeue──▶ ...; hold ◀──hold / release_hold──▶ incoming
+- commit: tmp → incoming (or hold, when a data hook said hold);
+- claim: incoming, deferred (when due) or hold → active/<owner>;
+- from active/<owner>: complete → removed; mark_deferred → deferred; release → incoming;
+  reclaim(owner) → incoming (the owner's worker died or the relay restarts);
+- operator moves: hold (incoming or deferred → hold), release_hold (hold → incoming),
+  requeue (deferred → incoming).
 
 Which moves are fsync'd, and why that is enough:
 
@@ -64,12 +65,10 @@ import errno
 import io
 import os
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
-from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
@@ -80,6 +79,12 @@ from twisted.python.threadpool import ThreadPool
 from twistedrelay.queue.entry import EntryStatus, Envelope
 from twistedrelay.queue.group_commit import GroupCommitter
 from twistedrelay.queue.ids import QueueIdGenerator, is_queue_id
+from twistedrelay.queue.incoming import (
+    FOOTER_SIZE,
+    FileSystem,
+    IncomingMessage,
+    QueueWriteError,
+)
 from twistedrelay.queue.layout import (
     ACTIVE,
     DEFERRED,
@@ -87,102 +92,18 @@ from twistedrelay.queue.layout import (
     INCOMING,
     QueueLayout,
 )
-from twistedrelay.smtp import replies
-from twistedrelay.smtp.replies import Reply
 
 log = Logger()
 
 _T = TypeVar("_T")
 
-FOOTER_FORMAT: Final = b"\n#TRQ1 %010d %015d\n"
-FOOTER_SIZE: Final = len(FOOTER_FORMAT % (0, 0))
 _FOOTER_PREFIX: Final = b"\n#TRQ1 "
-#: Content held in memory per message before it is written behind to tmp/.
-SPILL_BYTES: Final = 64 * 1024
 _READ_BUFFER_BYTES: Final = 64 * 1024
-DEFAULT_THREADS: Final = 8
-_STORAGE_FULL_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
-
-
-class QueueWriteError(Exception):
-    """A message could not be made durable; ``reply`` is what to tell the SMTP client.
-
-    ``reply`` is replies.INSUFFICIENT_STORAGE (452 4.3.1) when the disk or quota is full,
-    replies.LOCAL_ERROR (451 4.3.0) otherwise. Both are transient: the client retries.
-    """
-
-    def __init__(self, reply: Reply, error_number: int | None = None) -> None:
-        super().__init__(str(reply))
-        self.reply = reply
-        self.error_number = error_number
-
-    @classmethod
-    def from_exception(cls, error: BaseException) -> QueueWriteError:
-        """Map an exception from the write path to the reply the client should get."""
-        number = error.errno if isinstance(error, OSError) else None
-        if number in _STORAGE_FULL_ERRNOS:
-            return cls(replies.INSUFFICIENT_STORAGE, number)
-        return cls(replies.LOCAL_ERROR, number)
+DEFAULT_THREADS: Final = 16
 
 
 class CorruptEntryError(ValueError):
     """An entry file does not have the layout described in this module's docstring."""
-
-
-class FileSystem:
-    """The OS calls of the commit path, as one seam that tests can replace.
-
-    Tests inject a subclass that fails with EIO or ENOSPC at a chosen step, or that counts
-    fsyncs; production uses this class as is. Files are plain descriptors (no Python
-    buffering), so what a pool thread wrote is what a reader of the path sees.
-    """
-
-    def create_exclusive(self, path: str) -> int:
-        """Create a new file (mode 0600, failing if it exists); returns a writable fd."""
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-
-    def write(self, fd: int, data: bytes) -> None:
-        """Write all of ``data`` (write(2) may take less than asked)."""
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-
-    def sync_file(self, fd: int) -> None:
-        """Make the file's data (and its size) durable."""
-        _fdatasync(fd)
-
-    def sync_directory(self, path: str) -> None:
-        """Make the directory's entries (renames into it) durable."""
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def rename(self, source: str, destination: str) -> None:
-        """Atomically move a file (same file system)."""
-        os.rename(source, destination)
-
-
-# fdatasync also writes the metadata needed to read the data back (the file size), which
-# is all a new file needs; macOS has only fsync.
-_fdatasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
-
-
-def _close_quietly(fd: int) -> None:
-    """Close a file that is being abandoned; its errors do not matter any more."""
-    try:
-        os.close(fd)
-    except OSError:
-        pass
-
-
-def _unlink_quietly(path: str) -> None:
-    """Remove a file that may already be gone."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def read_entry_metadata(path: str) -> tuple[Envelope, int]:
@@ -262,214 +183,6 @@ class ClaimedEntry:
         """
         raw = io.FileIO(self.path, "rb")
         return io.BufferedReader(_BoundedReader(raw, self.content_size), _READ_BUFFER_BYTES)
-
-
-_OPEN, _COMMITTED, _DISCARDED = "open", "committed", "discarded"
-
-
-class IncomingMessage:
-    """One message being received, until commit() or discard().
-
-    Made by QueueStore.open_message(). The reactor thread never touches the disk here:
-    creating a file can take milliseconds (about 1 ms typical and 8 ms at the 99th
-    percentile on the development VM's ext4), so content is collected in memory and
-    handed to pool threads. A message of less than ``SPILL_BYTES`` (most mail) costs one
-    pool job at commit: create tmp/<queue ID>, write, fdatasync, close, rename. A larger
-    one is written behind in ``SPILL_BYTES`` pieces while DATA arrives, by pool jobs that
-    run one after another for this message (a chain of Deferreds), so memory stays
-    bounded by about ``SPILL_BYTES`` per session plus what the disk has not yet taken.
-
-    A write error does not raise: it is remembered, the partial file is removed at once
-    (to give the space back), later writes are dropped, and commit() then fails with the
-    right reply. ``failed`` turns true once a written-behind piece has failed.
-    """
-
-    def __init__(self, store: QueueStore, queue_id: str, tmp_path: str) -> None:
-        self.queue_id = queue_id
-        self._store = store
-        self._tmp_path = tmp_path
-        self._size = 0
-        self._error: BaseException | None = None
-        self._state = _OPEN
-        # Content not yet handed to a pool job, and pieces handed over but not yet written
-        # (both kept so that read_back() sees every byte without waiting for the pool).
-        self._chunks: list[bytes] = []
-        self._buffered = 0
-        self._in_flight: deque[bytes] = deque()
-        self._written = 0
-        # Used only by pool jobs, which the chain runs one at a time, in order.
-        self._fd: int | None = None
-        self._created = False
-        self._jobs: Deferred[None] = defer.succeed(None)
-
-    @property
-    def size(self) -> int:
-        """Content bytes written so far."""
-        return self._size
-
-    @property
-    def failed(self) -> bool:
-        """Whether a write error happened (commit() will fail; the session may stop early)."""
-        return self._error is not None
-
-    def write(self, data: bytes) -> None:
-        """Append content (kept in memory, written behind by pool threads past SPILL_BYTES).
-
-        The caller must not modify ``data`` afterwards (pass bytes, not a reused buffer).
-
-        :raises RuntimeError: after commit() or discard().
-        """
-        if self._state is not _OPEN:
-            raise RuntimeError(f"write() on a {self._state} queue message")
-        if self._error is not None:
-            return
-        self._chunks.append(data)
-        self._size += len(data)
-        self._buffered += len(data)
-        if self._buffered >= SPILL_BYTES:
-            self._write_behind(self._take_chunks())
-
-    def read_back(self) -> bytes:
-        """The content written so far, for data hooks that read the message before commit.
-
-        Reads the part pool threads have written from the tmp file (a page-cache read in
-        the reactor thread) and the rest from memory. b"" after a write error.
-
-        :raises RuntimeError: after commit() or discard().
-        """
-        if self._state is not _OPEN:
-            raise RuntimeError(f"read_back() on a {self._state} queue message")
-        if self._error is not None:
-            return b""
-        parts = []
-        if self._written:
-            with open(self._tmp_path, "rb") as file:
-                parts.append(file.read(self._written))
-        parts.extend(self._in_flight)
-        parts.extend(self._chunks)
-        return b"".join(parts)
-
-    def commit(self, envelope: Envelope, state: str = INCOMING) -> Deferred[None]:
-        """Make the message durable in ``state`` (incoming or hold).
-
-        In a pool thread: append the rest of the content, the envelope trailer and the
-        footer, fdatasync, rename into the state directory; then wait for a shared fsync of
-        that directory (group_commit.py).
-
-        :param envelope: the message's envelope; its queue_id must be this message's.
-        :param state: ``"incoming"`` (deliver) or ``"hold"`` (a data hook said hold).
-        :returns: fires with None once the entry is durable; only then may the server
-            reply 250. Errbacks with QueueWriteError (the partial file is removed).
-        :raises RuntimeError: commit() or discard() was already called.
-        :raises ValueError: ``state`` is not incoming or hold, or the envelope belongs to
-            another queue ID.
-        """
-        if self._state is not _OPEN:
-            raise RuntimeError(f"commit() on a {self._state} queue message")
-        if state not in (INCOMING, HOLD):
-            raise ValueError(f"a new message can only be queued to incoming or hold: {state!r}")
-        if envelope.queue_id != self.queue_id:
-            raise ValueError(f"envelope of {envelope.queue_id} committed as {self.queue_id}")
-        self._state = _COMMITTED
-        trailer = envelope.to_json()
-        chunks = self._take_chunks()
-        chunks.append(trailer + FOOTER_FORMAT % (len(trailer), self._size))
-        data = b"".join(chunks)
-        destination = os.path.join(self._store.layout.state_directory(state), self.queue_id)
-
-        def finish(_: None) -> Deferred[None]:
-            if self._error is not None:
-                return defer.fail(self._error)
-            return self._store._run_in_thread(self._finish, data, destination)
-
-        self._jobs.addCallback(finish)
-        return self._store._after_rename(self._jobs, self.queue_id, state, destination)
-
-    def discard(self) -> Deferred[None]:
-        """Drop the message (the transaction failed or was reset): remove its tmp file.
-
-        Does nothing after commit() (the commit owns the file then) or a second time.
-
-        :returns: fires when the tmp file is gone (callers need not wait).
-        """
-        if self._state is not _OPEN:
-            return defer.succeed(None)
-        self._state = _DISCARDED
-        self._take_chunks()
-
-        def abandon(_: None) -> Deferred[None] | None:
-            if not self._created:
-                return None
-            return self._store._run_in_thread(self._abandon_file)
-
-        return self._jobs.addCallback(abandon)
-
-    def _take_chunks(self) -> list[bytes]:
-        chunks, self._chunks, self._buffered = self._chunks, [], 0
-        return chunks
-
-    def _write_behind(self, chunks: list[bytes]) -> None:
-        """Queue a pool job that appends ``chunks``; a failure is remembered, not raised."""
-        data = b"".join(chunks)
-        self._in_flight.append(data)
-
-        def run(_: None) -> Deferred[None] | None:
-            if self._error is not None:
-                return None
-            return self._store._run_in_thread(self._append, data).addCallback(written)
-
-        def written(_: None) -> None:
-            self._in_flight.popleft()
-            self._written += len(data)
-
-        def remember(failure: Failure) -> None:
-            if self._error is None:
-                self._error = failure.value
-            self._take_chunks()
-            self._in_flight.clear()
-
-        self._jobs.addCallback(run).addErrback(remember)
-
-    # Pool jobs: one at a time per message, in order.
-
-    def _append(self, data: bytes) -> None:
-        """Write a piece of content behind, creating the tmp file on first use."""
-        try:
-            self._store._fs.write(self._open_file(), data)
-        except BaseException:
-            self._abandon_file()
-            raise
-
-    def _finish(self, data: bytes, destination: str) -> None:
-        """Write the rest and the trailer, fdatasync, close, rename into the state."""
-        filesystem = self._store._fs
-        try:
-            fd = self._open_file()
-            filesystem.write(fd, data)
-            filesystem.sync_file(fd)
-            self._fd = None
-            os.close(fd)
-            filesystem.rename(self._tmp_path, destination)
-            self._created = False  # it is an entry now, no longer this message's tmp file
-        except BaseException:
-            self._abandon_file()
-            raise
-
-    def _open_file(self) -> int:
-        """The tmp file's descriptor, created on first use."""
-        if self._fd is None:
-            self._fd = self._store._fs.create_exclusive(self._tmp_path)
-            self._created = True
-        return self._fd
-
-    def _abandon_file(self) -> None:
-        """Close and remove the tmp file this message created, if any."""
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            _close_quietly(fd)
-        if self._created:
-            self._created = False
-            _unlink_quietly(self._tmp_path)
 
 
 CommitObserver = Callable[[str, str], None]
@@ -571,7 +284,9 @@ class QueueStore:
             queue_id = self._ids.new_id()
         else:
             self._check_id(queue_id)
-        return IncomingMessage(self, queue_id, self.layout.tmp_path(queue_id))
+        return IncomingMessage(
+            queue_id, self.layout, self._fs, self._run_in_thread, self._after_rename
+        )
 
     def _after_rename(
         self, renamed: Deferred[None], queue_id: str, state: str, destination: str
@@ -585,7 +300,7 @@ class QueueStore:
         def not_synced(failure: Failure) -> Failure:
             # A rename whose directory fsync failed is not known durable: the client gets
             # 451 and retries, so remove the entry to avoid a second copy (best effort).
-            _unlink_quietly(destination)
+            self._fs.remove(destination)
             return failure
 
         def durable(_: None) -> None:
@@ -699,8 +414,8 @@ class QueueStore:
         The entry goes first, so a crash in between leaves only an orphan sidecar,
         never an entry without its status.
         """
-        _unlink_quietly(entry.path)
-        _unlink_quietly(self.layout.status_path(entry.queue_id))
+        self._fs.remove(entry.path)
+        self._fs.remove(self.layout.status_path(entry.queue_id))
 
     def release(self, entry: ClaimedEntry) -> None:
         """Give a claimed entry back to incoming/ untouched (e.g. at shutdown).
@@ -869,7 +584,7 @@ class QueueStore:
         try:
             with open(fd, "wb", closefd=False) as file:
                 file.write(status.to_json())
-            _fdatasync(fd)
+            self._fs.sync_file(fd)
         finally:
             os.close(fd)
         os.rename(tmp_path, self.layout.status_path(queue_id))
