@@ -119,12 +119,6 @@ def test_acknowledged_messages_survive_sigkill_and_are_delivered_once_after_rest
     assert len(sink.messages()) == MESSAGES
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="delivery/service.py _schedule: a job refused for a dead destination finishes the "
-    "entry in _refuse and again after the loop (jobs_left == 0): KeyError in _finalize, "
-    "logged as 'cannot record the outcome' with a traceback",
-)
 def test_unreachable_destination_defers_mail_without_a_traceback(tmp_path, start_relay) -> None:
     """Mail to a refusing next hop is deferred, logged per recipient, with no traceback."""
     config = write_relay_config(tmp_path, route=f"127.0.0.1:{closed_port()}", workers=1)
