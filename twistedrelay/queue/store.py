@@ -67,7 +67,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Protocol, TypeVar, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
@@ -188,6 +188,16 @@ class ClaimedEntry:
 CommitObserver = Callable[[str, str], None]
 
 
+class _ShutdownTriggers(Protocol):
+    """The part of IReactorCore the store uses (typed here: zope interfaces are not)."""
+
+    def addSystemEventTrigger(  # noqa: N802 (Twisted's name)
+        self, phase: str, event_type: str, callable: Callable[[], None]
+    ) -> object: ...
+
+    def removeSystemEventTrigger(self, trigger_id: object) -> None: ...  # noqa: N802
+
+
 class QueueStore:
     """The mail queue in one directory, shared by every process of the relay.
 
@@ -223,12 +233,12 @@ class QueueStore:
         self._fs = filesystem if filesystem is not None else FileSystem()
         self._ids = id_generator if id_generator is not None else QueueIdGenerator()
         self._owned_pool: ThreadPool | None = None
-        self._shutdown_trigger: Any = None  # Any: an opaque token from addSystemEventTrigger
+        self._shutdown_trigger: object = None  # an opaque token from addSystemEventTrigger
         if threadpool is None:
             threadpool = self._owned_pool = ThreadPool(1, threads, "twistedrelay-queue")
             threadpool.start()
             if IReactorCore.providedBy(reactor):
-                self._shutdown_trigger = IReactorCore(reactor).addSystemEventTrigger(
+                self._shutdown_trigger = cast(_ShutdownTriggers, reactor).addSystemEventTrigger(
                     "during", "shutdown", self.close
                 )
         self._pool = threadpool
@@ -252,7 +262,7 @@ class QueueStore:
             if self._shutdown_trigger is not None:
                 trigger, self._shutdown_trigger = self._shutdown_trigger, None
                 try:
-                    IReactorCore(self._reactor).removeSystemEventTrigger(trigger)
+                    cast(_ShutdownTriggers, self._reactor).removeSystemEventTrigger(trigger)
                 except ValueError:
                     pass  # close() is running as that very trigger
 
@@ -306,8 +316,9 @@ class QueueStore:
         def durable(_: None) -> None:
             self._notify_committed(queue_id, state)
 
-        def failed(failure: Failure) -> Failure:
-            return Failure(self._report_write_error(queue_id, failure.value))
+        def failed(failure: Failure) -> None:
+            error = failure.value if failure.value is not None else RuntimeError(failure)
+            raise self._report_write_error(queue_id, error)
 
         renamed.addCallback(sync)
         renamed.addCallbacks(durable, failed)
