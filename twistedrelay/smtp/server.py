@@ -656,6 +656,7 @@ class SMTPServerProtocol(Protocol):
             max_errors=smtp.max_errors,
             starttls_offered=self.parts.server_tls is not None and self.tls is None,
             auth_mechanisms=("PLAIN", "LOGIN") if self._auth_offered() else (),
+            auth_requires_tls=self.parts.authenticator is not None,
             auth_required=self.listener != "smtp",
         )
 

@@ -89,7 +89,9 @@ Params = dict[str, str | None]
 class SessionSettings:
     """What the session advertises and enforces; the adapter builds it from ``[smtp]``.
 
-    ``max_line_length`` counts a command line with its line ending.
+    ``max_line_length`` counts a command line with its line ending. ``auth_requires_tls``:
+    AUTH exists but only over TLS, so before it AUTH is ``538 5.7.11`` (RFC 4954 §6), not
+    ``502``.
     """
 
     hostname: str
@@ -102,6 +104,7 @@ class SessionSettings:
     starttls_offered: bool = False
     auth_mechanisms: tuple[str, ...] = ()
     auth_required: bool = False
+    auth_requires_tls: bool = False
 
 
 # -- events ---------------------------------------------------------------------------------
@@ -609,6 +612,8 @@ class ServerSession:
     def _on_auth(self, argument: str, events: list[Event]) -> None:
         mechanisms = self._settings.auth_mechanisms
         if not mechanisms:
+            if self._settings.auth_requires_tls and not self._tls:
+                raise CommandSyntaxError(replies.ENCRYPTION_REQUIRED_FOR_AUTH)
             raise CommandSyntaxError(replies.COMMAND_NOT_IMPLEMENTED)
         if self._helo_name is None:
             raise CommandSyntaxError(replies.HELO_REQUIRED)
