@@ -7,13 +7,14 @@ in memory.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from twisted.logger import LogEvent, Logger
 
+from twistedrelay.auth import Authenticator, LoginThrottle, UsersFile
 from twistedrelay.config import Config, Endpoint, parse_config
 from twistedrelay.eventlog import MailLog
 from twistedrelay.hooks import HookRunner, load_plugins
@@ -22,12 +23,19 @@ from twistedrelay.policy import RelayPolicy
 from twistedrelay.queue.store import QueueStore
 from twistedrelay.smtp.inbound import InboundService
 from twistedrelay.smtp.server import InboundParts
+from twistedrelay.tls import ServerTLS
 
 
 class InboundHarness:
     """Starts InboundService on 127.0.0.1 with a kernel-chosen port and a queue in ``directory``.
 
+    As in app.py, ``[tls]`` settings give the sessions a ServerTLS (STARTTLS, implicit TLS)
+    and ``auth.users_file`` an Authenticator; the listeners' own addresses in ``[smtp]`` are
+    ignored: each mode in ``listeners`` gets one kernel-chosen port on 127.0.0.1.
+
     :param settings: TOML-shaped dict for ``parse_config`` (the queue directory is set here).
+    :param listeners: listener modes to open ("smtp", "submission", "submissions").
+    :param throttle: the login throttle (default: the production settings).
     """
 
     def __init__(
@@ -37,6 +45,8 @@ class InboundHarness:
         settings: dict[str, Any] | None = None,
         hooks: HookRunner | None = None,
         on_queued: Callable[[str], None] | None = None,
+        listeners: Sequence[str] = ("smtp",),
+        throttle: LoginThrottle | None = None,
     ) -> None:
         settings = dict(settings or {})
         settings.setdefault("hostname", "relay.example.test")
@@ -56,6 +66,13 @@ class InboundHarness:
             if on_queued is not None:
                 on_queued(queue_id)
 
+        server_tls = None
+        if config.tls.certificate and config.tls.private_key:
+            server_tls = ServerTLS(config.tls.certificate, config.tls.private_key, config.source)
+        authenticator = None
+        if config.auth.users_file:
+            users = UsersFile(config.auth.users_file)
+            authenticator = Authenticator(users, reactor, reactor.getThreadPool())
         self.parts = InboundParts(
             config=config,
             reactor=reactor,
@@ -65,14 +82,21 @@ class InboundHarness:
             maillog=MailLog(Logger(namespace="twistedrelay.mail", observer=self.log_events.append)),
             metrics=self.metrics,
             on_queued=queued,
+            server_tls=server_tls,
+            authenticator=authenticator,
+            throttle=throttle if throttle is not None else LoginThrottle(),
         )
-        endpoints = {"smtp": [Endpoint("127.0.0.1", 0)]}
+        self.listeners = tuple(listeners)
+        self.ports: dict[str, int] = {}
+        endpoints = {mode: [Endpoint("127.0.0.1", 0)] for mode in self.listeners}
         self.service = InboundService(self.parts, endpoints=endpoints, drain_seconds=1.0)
 
     def start(self) -> int:
-        """Start listening; returns the port."""
+        """Start listening; returns the port of the first listener (all are in ``ports``)."""
         self.service.startService()
-        return int(self.service.listening_addresses()[0].port)
+        addresses = self.service.listening_addresses()
+        self.ports = {mode: int(a.port) for mode, a in zip(self.listeners, addresses, strict=True)}
+        return self.ports[self.listeners[0]]
 
     async def stop(self) -> None:
         """Stop listening and close sessions, then release the queue's threads."""
