@@ -204,10 +204,6 @@ class RelayProcess:
 
         wait_until(greets, max(0.1, deadline - time.monotonic()), "an SMTP greeting")
 
-    def queued_ids_in_log(self) -> set[str]:
-        """Queue IDs the relay's mail log mentions."""
-        return set(re.findall(r"\b([0-9A-F]{20})\b", self.log()))
-
     def terminate(self, timeout: float = STOP_TIMEOUT_SECONDS) -> int | None:
         """SIGTERM the master by PID and wait (bounded) for it to exit; its exit status."""
         if self.proc.poll() is None:
