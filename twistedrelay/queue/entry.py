@@ -37,7 +37,10 @@ class Envelope:
     bounces). ``mail_params`` holds the MAIL FROM ESMTP parameters as received (SIZE,
     BODY, SMTPUTF8, RET, ENVID). ``arrival_time`` is epoch seconds from the reactor clock.
     ``prepend_headers`` are raw header lines (CRLF-terminated) that hooks added after the
-    body was written; delivery sends them before the stored content.
+    body was written; delivery sends them before the stored content. ``drop_headers`` are
+    ``(lower-case name, value or None)`` rules of header fields that hooks dropped: delivery
+    omits the stored fields they match (delivery/headers.py). Entries written before the
+    field existed load with none.
     """
 
     queue_id: str
@@ -54,6 +57,7 @@ class Envelope:
     smtputf8: bool = False
     body_8bit: bool = False
     prepend_headers: tuple[str, ...] = ()
+    drop_headers: tuple[tuple[str, str | None], ...] = ()
 
     @property
     def is_bounce(self) -> bool:
@@ -77,6 +81,7 @@ class Envelope:
             raise ValueError("not a twistedrelay envelope (version 1)")
         data["recipients"] = tuple(Recipient(**r) for r in data["recipients"])
         data["prepend_headers"] = tuple(data.get("prepend_headers", ()))
+        data["drop_headers"] = tuple((name, value) for name, value in data.get("drop_headers", ()))
         return cls(**data)
 
 
