@@ -121,12 +121,15 @@ class MailLog:
         sender: str | None = None,
         recipient: str | None = None,
         helo: str | None = None,
+        detail: str = "",
     ) -> None:
         """A command was refused before anything was queued (4xx or 5xx).
 
         ``NOQUEUE: reject: RCPT from [ip]: 554 5.7.1 Relay access denied; from=<s> to=<r>``
 
         :param stage: the SMTP verb refused ("CONNECT", "HELO", "MAIL", "RCPT", "DATA", …).
+        :param detail: who decided and why, appended as is (e.g. a hook plugin's name and
+            results: ``plugin=rate_limit results=(rate_limit:limit reached …)``).
         """
         text = f"reject: {sanitize(stage).upper()} from {format_client(sanitize(client_address))}"
         text += f": {sanitize(reply)}"
@@ -137,6 +140,8 @@ class MailLog:
             extras.append(f"to=<{sanitize(recipient)}>")
         if helo is not None:
             extras.append(f"helo=<{sanitize(helo)}>")
+        if detail:
+            extras.append(sanitize(detail))
         if extras:
             text += "; " + " ".join(extras)
         self._emit(
@@ -149,6 +154,7 @@ class MailLog:
             sender=sender,
             recipient=recipient,
             helo=helo,
+            detail=detail,
         )
 
     # -- one message -----------------------------------------------------------------------
@@ -332,28 +338,39 @@ def reemit_json_line(line: str, observer: ILogObserver | None = None, **extra: A
     return True
 
 
+# twistd's ``--logger`` is the dotted name of a zero-argument observer factory, imported by
+# twistd's own postOptions (after the plugin's), so a callable placed there is refused. The
+# log file twistd was given reaches :func:`twistd_json_observer` through this mapping.
+_twistd_log: dict[str, str | None] = {"path": None}
+
+
+def twistd_json_observer() -> ILogObserver:
+    """The ``--logger`` factory twistd calls for JSON lines; writes where twistd would.
+
+    That is ``--logfile`` (rotated by twistd's ``LogFile``) if given, else standard output.
+    """
+    path = _twistd_log["path"]
+    if not path or path == "-":
+        return json_lines_observer(sys.stdout)
+    from twisted.python.logfile import LogFile
+
+    return json_lines_observer(LogFile.fromFullPath(path))  # type: ignore[arg-type]
+
+
 def configure_twistd_logger(server_options: MutableMapping[str, Any], log_format: str) -> None:
     """Make twistd start its log with JSON lines when ``[log] format = "json"``.
 
     twistd builds its log observer from ``--logger`` before ``makeService`` runs, so the
-    plugin's ``postOptions`` calls this with its parent (twistd's ServerOptions). The JSON
-    observer writes where twistd would: ``--logfile`` if given, else standard output.
+    plugin's ``postOptions`` calls this with its parent (twistd's ServerOptions), which then
+    imports the dotted name set here (:func:`twistd_json_observer`).
 
     :param server_options: twistd's ``ServerOptions`` (reads "logfile", sets "logger").
     :param log_format: ``config.log.format``, "text" (twistd's own format) or "json".
     """
     if log_format != "json":
         return
-    path = server_options.get("logfile")
-
-    def factory() -> ILogObserver:
-        if not path or path == "-":
-            return json_lines_observer(sys.stdout)
-        from twisted.python.logfile import LogFile
-
-        return json_lines_observer(LogFile.fromFullPath(path))  # type: ignore[arg-type]
-
-    server_options["logger"] = factory
+    _twistd_log["path"] = server_options.get("logfile")
+    server_options["logger"] = f"{__name__}.{twistd_json_observer.__name__}"
 
 
 __all__ = [
@@ -366,4 +383,5 @@ __all__ = [
     "json_lines_observer",
     "reemit_json_line",
     "sanitize",
+    "twistd_json_observer",
 ]
