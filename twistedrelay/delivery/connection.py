@@ -18,6 +18,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from typing_extensions import override
 
+from twistedrelay.delivery.headers import HeaderFilter
 from twistedrelay.smtp import replies
 from twistedrelay.smtp.client_session import (
     ClientSession,
@@ -45,7 +46,11 @@ class ConnectionNotReadyError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class OutboundMessage:
-    """What one transaction sends: the envelope part and a way to read the content."""
+    """What one transaction sends: the envelope part and a way to read the content.
+
+    ``prepend`` goes before the stored content; header fields matching ``drop_headers``
+    (``Envelope.drop_headers``) are left out of the stored content's header section.
+    """
 
     sender: str
     recipients: Sequence[tuple[str, Mapping[str, str | None]]]
@@ -55,6 +60,7 @@ class OutboundMessage:
     body_8bit: bool = False
     smtputf8: bool = False
     mail_params: Mapping[str, str | None] | None = None
+    drop_headers: Sequence[tuple[str, str | None]] = ()
 
 
 class SMTPClientProtocol(Protocol):
@@ -197,9 +203,15 @@ class SMTPClientProtocol(Protocol):
         encode = self.session.encode_content
         if message.prepend:
             transport.write(encode(message.prepend))
+        header_filter = HeaderFilter(message.drop_headers) if message.drop_headers else None
         with message.open_content() as content:
             while chunk := content.read(CONTENT_CHUNK_BYTES):
-                transport.write(encode(chunk))
+                if header_filter is not None:
+                    chunk = header_filter.feed(chunk)
+                if chunk:
+                    transport.write(encode(chunk))
+        if header_filter is not None and (rest := header_filter.finish()):
+            transport.write(encode(rest))
         self._handle(self.session.end_content())
 
     def _complete(self, result: TransactionResult) -> None:
