@@ -37,6 +37,7 @@ from twistedrelay.auth import (
     UsersFileError,
 )
 from twistedrelay.config import Config
+from twistedrelay.delivery.headers import build_drop_rules
 from twistedrelay.eventlog import MailLog
 from twistedrelay.hooks import (
     ConnectContext,
@@ -234,11 +235,10 @@ class SMTPServerProtocol(Protocol):
             return
         self._waiting = True
         self.transport.pauseProducing()  # type: ignore[union-attr]
-        self.parts.hooks.run("connect", ConnectContext(**self._hook_fields())).addCallback(
-            self._connect_decided
-        )
+        ctx = ConnectContext(**self._hook_fields())
+        self.parts.hooks.run("connect", ctx).addCallback(self._connect_decided, ctx)
 
-    def _connect_decided(self, decision: Decision) -> None:
+    def _connect_decided(self, decision: Decision, ctx: ConnectContext) -> None:
         self._waiting = False
         if self._closed:
             return
@@ -248,7 +248,7 @@ class SMTPServerProtocol(Protocol):
             self._pump(b"")
             return
         reply = decision.reply or replies.SERVICE_NOT_AVAILABLE
-        self._rejected("CONNECT", reply)
+        self._rejected("CONNECT", reply, detail=_hook_detail(decision, ctx))
         self.close_now(reply)
 
     @override
@@ -387,12 +387,21 @@ class SMTPServerProtocol(Protocol):
         """Run a deciding hook when any plugin has it; map its Decision to a reply."""
         if not self.parts.hooks.has_hook(hook):
             return accepted
-        return self.parts.hooks.run(hook, build()).addCallback(self._reply_for_decision, accepted)
+        ctx = build()
+        return self.parts.hooks.run(hook, ctx).addCallback(
+            self._reply_for_decision, accepted, hook.upper(), ctx
+        )
 
-    def _reply_for_decision(self, decision: Decision, accepted: Reply) -> Reply:
+    def _reply_for_decision(
+        self, decision: Decision, accepted: Reply, stage: str, ctx: HookContext
+    ) -> Reply:
+        """The reply for a hook's decision; a refusal is logged with the deciding plugin."""
         if decision.verdict in (Verdict.PROCEED, Verdict.ACCEPT):
             return accepted
         reply = decision.reply or replies.PLUGIN_ERROR
+        sender = ctx.sender if isinstance(ctx, MailContext | RcptContext | DataContext) else None
+        recipient = ctx.recipient if isinstance(ctx, RcptContext) else None
+        self._rejected(stage, reply, sender, recipient, _hook_detail(decision, ctx))
         if decision.verdict is Verdict.DISCONNECT:
             self.parts.reactor.callLater(0, self.close_now, None)
         return reply
@@ -475,19 +484,26 @@ class SMTPServerProtocol(Protocol):
             message_reader=message.read_back,
         )
         return self.parts.hooks.run("data", context).addCallback(
-            self._after_data_hook, message, queue_id
+            self._after_data_hook, message, queue_id, context
         )
 
     def _after_data_hook(
-        self, decision: Decision, message: IncomingMessage, queue_id: str
+        self, decision: Decision, message: IncomingMessage, queue_id: str, ctx: DataContext
     ) -> Reply | defer.Deferred[Reply]:
         if decision.verdict in (Verdict.REJECT, Verdict.TEMPFAIL, Verdict.DISCONNECT):
             self._discard_message()
-            reply = self._reply_for_decision(decision, replies.OK)
-            self._rejected("DATA", reply, sender=self.session.sender)
-            return reply
-        state = "hold" if decision.verdict is Verdict.HOLD else "incoming"
-        return self._commit(message, queue_id, state, decision.header_lines(), decision.reason)
+            return self._reply_for_decision(decision, replies.OK, "DATA", ctx)
+        hold_reason = ""
+        if decision.verdict is Verdict.HOLD:
+            hold_reason = f"{decision.reason or 'data hook'}; {_hook_detail(decision, ctx)}"
+        return self._commit(
+            message,
+            queue_id,
+            "hold" if hold_reason else "incoming",
+            decision.header_lines(),
+            hold_reason,
+            build_drop_rules(decision.drop_headers),
+        )
 
     def _commit(
         self,
@@ -496,8 +512,9 @@ class SMTPServerProtocol(Protocol):
         state: str,
         added: tuple[str, ...],
         hold_reason: str = "",
+        dropped: tuple[tuple[str, str | None], ...] = (),
     ) -> defer.Deferred[Reply]:
-        envelope = self._envelope(queue_id, added)
+        envelope = self._envelope(queue_id, added, dropped)
         size = message.size
 
         def durable(_: object) -> Reply:
@@ -528,7 +545,12 @@ class SMTPServerProtocol(Protocol):
 
         return message.commit(envelope, state).addCallbacks(durable, failed)
 
-    def _envelope(self, queue_id: str, added_headers: tuple[str, ...]) -> Envelope:
+    def _envelope(
+        self,
+        queue_id: str,
+        added_headers: tuple[str, ...],
+        dropped_headers: tuple[tuple[str, str | None], ...] = (),
+    ) -> Envelope:
         session = self.session
         params = dict(session.mail_params)
         return Envelope(
@@ -546,6 +568,7 @@ class SMTPServerProtocol(Protocol):
             smtputf8="SMTPUTF8" in params,
             body_8bit=(params.get("BODY") or "").upper() == "8BITMIME",
             prepend_headers=added_headers,
+            drop_headers=dropped_headers,
         )
 
     def _received_header(self, queue_id: str) -> bytes:
@@ -712,7 +735,12 @@ class SMTPServerProtocol(Protocol):
         }
 
     def _rejected(
-        self, stage: str, reply: Reply, sender: str | None = None, recipient: str | None = None
+        self,
+        stage: str,
+        reply: Reply,
+        sender: str | None = None,
+        recipient: str | None = None,
+        detail: str = "",
     ) -> None:
         self.parts.maillog.rejected(
             stage,
@@ -720,7 +748,16 @@ class SMTPServerProtocol(Protocol):
             reply,
             sender=sender if sender is not None else self.session.sender,
             recipient=recipient,
+            detail=detail,
         )
+
+
+def _hook_detail(decision: Decision, ctx: HookContext) -> str:
+    """For the mail log: the plugin whose verdict won, and what plugins recorded."""
+    detail = f"plugin={decision.decided_by or '-'}"
+    if ctx.results:
+        detail += f" results=({ctx.results.format()})"
+    return detail
 
 
 def parse_header_section(message: bytes) -> tuple[tuple[str, str], ...]:
