@@ -9,7 +9,7 @@ operator can read it and a later release can still load entries written by this 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 ENVELOPE_FORMAT_VERSION = 1
@@ -66,7 +66,9 @@ class Envelope:
 
     def to_json(self) -> bytes:
         """Encode as one line of UTF-8 JSON (no raw newlines)."""
-        data: dict[str, Any] = asdict(self)
+        # Built by hand: dataclasses.asdict deep-copies and costs ~0.1 ms per message.
+        data: dict[str, Any] = {f: getattr(self, f) for f in _ENVELOPE_FIELDS}
+        data["recipients"] = [{"address": r.address, "params": r.params} for r in self.recipients]
         data["version"] = ENVELOPE_FORMAT_VERSION
         return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
@@ -177,3 +179,6 @@ class EntryStatus:
             raise ValueError("not a twistedrelay entry status (version 1)")
         recipients = tuple(RecipientStatus(**r) for r in data.pop("recipients", ()))
         return cls(recipients=recipients, **data)
+
+
+_ENVELOPE_FIELDS = tuple(f.name for f in fields(Envelope))
