@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.application.app import ServerOptions
 from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.python.failure import Failure
 
@@ -220,10 +221,13 @@ def test_json_observer_writes_other_events_and_failures_too():
 
 def test_configure_twistd_logger_installs_json_only_when_asked(tmp_path):
     """format = "json" sets twistd's logger factory, honouring --logfile; "text" changes nothing."""
-    options: dict[str, Any] = {"logfile": str(tmp_path / "relay.log")}
+    options = ServerOptions()
+    options["logfile"] = str(tmp_path / "relay.log")
     configure_twistd_logger(options, "text")
-    assert "logger" not in options
+    assert options["logger"] is None
     configure_twistd_logger(options, "json")
+    # twistd's own postOptions runs after the plugin's and imports --logger by dotted name.
+    options.postOptions()
     observer = options["logger"]()
     Logger(namespace="t", observer=observer).info("hello {who}", who="ops")
     observer._outFile.close()
