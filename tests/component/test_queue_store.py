@@ -449,3 +449,15 @@ async def test_a_corrupt_entry_is_moved_aside_not_delivered(store):
     assert store.claim(queue_id, "w0", "incoming") is None
     assert _names(store.layout.corrupt) == [queue_id]
     assert store.counts()["active"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_complete_later_removes_entry_and_sidecar_in_the_pool(store):
+    """A delivered entry removed behind (batched in a pool thread) leaves no file behind."""
+    ids = [await _queue(store) for _ in range(3)]
+    entries = [store.claim(queue_id, "w0", "incoming") for queue_id in ids]
+    await store.mark_deferred(entries[0], time.time(), EntryStatus().with_attempt(1.0))
+    entries[0] = store.claim(ids[0], "w0", "deferred")
+    await gatherResults([store.complete_later(entry) for entry in entries])
+    assert store.counts() == {"incoming": 0, "active": 0, "deferred": 0, "hold": 0}
+    assert _names(store.layout.status) == []

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.application.service import Service
@@ -29,6 +29,7 @@ from typing_extensions import override
 from twistedrelay.bounce import FailedRecipient, build_dsn, extract_headers
 from twistedrelay.config import Config
 from twistedrelay.delivery.connection import OutboundMessage
+from twistedrelay.delivery.headers import drop_header_fields
 from twistedrelay.delivery.outcome import (
     Outcome,
     Result,
@@ -39,14 +40,15 @@ from twistedrelay.delivery.outcome import (
 )
 from twistedrelay.delivery.pool import AllHostsFailedError, DestinationPool, PoolSettings
 from twistedrelay.eventlog import MailLog
-from twistedrelay.hooks import HookRunner, OutcomeContext
+from twistedrelay.hooks import Decision, DeliverContext, HookRunner, OutcomeContext, Verdict
 from twistedrelay.metrics import RelayMetrics
 from twistedrelay.queue.entry import Envelope, Recipient
 from twistedrelay.queue.store import ClaimedEntry, QueueStore
-from twistedrelay.resolver import Resolver, ResolverError
+from twistedrelay.resolver import MailHost, Resolver, ResolverError
 from twistedrelay.routing import Destination, RouteTable
 from twistedrelay.scheduler import Job, Lane, Scheduler
-from twistedrelay.tls import ClientTLS, tls_level_for
+from twistedrelay.smtp import replies
+from twistedrelay.tls import ClientTLS, ClientTLSOptions, tls_level_for
 
 _log = Logger(namespace="twistedrelay.delivery")
 
@@ -254,26 +256,33 @@ class DeliveryService(Service):
         entry, destination = payload.entry, payload.destination
         failure: Outcome | None = None
         try:
-            queries_before = self.resolver.queries_sent
-            try:
-                hosts = await self.resolver.resolve_destination(
-                    destination, self.config.delivery.smtp_port
-                )
-                if self.resolver.queries_sent > queries_before:
-                    self.metrics.dns_lookup("mx")
-            except ResolverError as e:
-                if self.resolver.queries_sent > queries_before:
-                    self.metrics.dns_lookup("mx", failed=True)
-                outcome = classify_dns_failure(e)
-                if outcome.result is Result.DEFERRED:
-                    failure = outcome
-                self._record_all(entry, payload.recipients, outcome, "none")
+            hosts = await self._resolve(destination)
+            if isinstance(hosts, Outcome):
+                if hosts.result is Result.DEFERRED:
+                    failure = hosts
+                self._record_all(entry, payload.recipients, hosts, "none")
                 return
-            pool = self._pool_for(destination.name)
+            rerouted = False
+            if self.hooks.has_hook("deliver"):
+                decision, ctx = await self._run_deliver_hook(payload, hosts)
+                if decision.verdict is Verdict.TEMPFAIL:
+                    outcome = _hook_outcome(decision, ctx)
+                    self._record_all(entry, payload.recipients, outcome, "none")
+                    return
+                if decision.verdict is Verdict.REROUTE and decision.next_hop is not None:
+                    # The original destination is not at fault for what happens at the new
+                    # next hop: its failures do not back the original destination off.
+                    rerouted = True
+                    destination = Destination(str(decision.next_hop), decision.next_hop)
+                    hosts = await self._resolve(destination)
+                    if isinstance(hosts, Outcome):
+                        self._record_all(entry, payload.recipients, hosts, "none")
+                        return
+            pool = self._pool_for(destination)
             try:
                 pooled = await pool.acquire(hosts)
             except AllHostsFailedError as e:
-                if e.outcome.result is Result.DEFERRED:
+                if e.outcome.result is Result.DEFERRED and not rerouted:
                     failure = e.outcome
                 self._record_all(entry, payload.recipients, e.outcome, "none")
                 return
@@ -282,7 +291,8 @@ class DeliveryService(Service):
             by_address = {r.address: r for r in payload.recipients}
             for recipient_result in result.recipients:
                 recipient = by_address[recipient_result.recipient]
-                self._record(entry, recipient, classify_reply(recipient_result.reply), relay)
+                outcome = classify_reply(recipient_result.reply)
+                self._record(entry, recipient, outcome, relay, pooled.tls_description)
             await pool.release(pooled)
         finally:
             if failure is not None:
@@ -291,8 +301,37 @@ class DeliveryService(Service):
             self._job_done(entry)
             self._pump()
 
-    def _pool_for(self, destination: str) -> DestinationPool:
-        pool = self.pools.get(destination)
+    async def _resolve(self, destination: Destination) -> list[MailHost] | Outcome:
+        """The destination's mail hosts, or the outcome of a failed resolution."""
+        queries_before = self.resolver.queries_sent
+        try:
+            hosts = await self.resolver.resolve_destination(
+                destination, self.config.delivery.smtp_port
+            )
+        except ResolverError as e:
+            if self.resolver.queries_sent > queries_before:
+                self.metrics.dns_lookup("mx", failed=True)
+            return classify_dns_failure(e)
+        if self.resolver.queries_sent > queries_before:
+            self.metrics.dns_lookup("mx")
+        return hosts
+
+    async def _run_deliver_hook(
+        self, payload: JobPayload, hosts: list[MailHost]
+    ) -> tuple[Decision, DeliverContext]:
+        """Ask the deliver hooks about one destination batch (docs/hooks.md, call points)."""
+        ctx = DeliverContext.for_envelope(
+            payload.entry.claimed.envelope,
+            destination=payload.destination,
+            recipients=tuple(r.address for r in payload.recipients),
+            mail_hosts=tuple(str(host) for host in hosts),
+            now=self.reactor.seconds(),
+        )
+        decision = await self.hooks.run("deliver", ctx)
+        return decision, ctx
+
+    def _pool_for(self, destination: Destination) -> DestinationPool:
+        pool = self.pools.get(destination.name)
         if pool is None:
             delivery = self.config.delivery
             settings = PoolSettings(
@@ -303,14 +342,16 @@ class DeliveryService(Service):
                 command_timeout=delivery.command_timeout,
                 data_timeout=delivery.data_timeout,
             )
-            level = tls_level_for(destination, delivery.tls, delivery.tls_policy)
+            # A route's text carries brackets and a port: its policy key is the next hop's host.
+            hop = destination.next_hop
+            policy_name = hop.host if hop is not None else destination.name
+            level = tls_level_for(policy_name, delivery.tls, delivery.tls_policy)
 
-            def tls_for_host(host: str) -> tuple[str, Any]:
-                options = self.client_tls.options_for(host, level)
-                return level, (lambda: options.creator) if options.creator else None
+            def tls_for_host(host: str) -> ClientTLSOptions:
+                return self.client_tls.options_for(host, level)
 
-            pool = self.pools[destination] = DestinationPool(
-                destination, settings, self.reactor, self.metrics, tls_for_host
+            pool = self.pools[destination.name] = DestinationPool(
+                destination.name, settings, self.reactor, self.metrics, tls_for_host
             )
         return pool
 
@@ -326,6 +367,7 @@ class DeliveryService(Service):
             body_8bit=envelope.body_8bit,
             smtputf8=envelope.smtputf8,
             mail_params=envelope.mail_params,
+            drop_headers=envelope.drop_headers,
         )
 
     # -- outcomes -------------------------------------------------------------------------
@@ -337,7 +379,12 @@ class DeliveryService(Service):
             self._record(entry, recipient, outcome, relay)
 
     def _record(
-        self, entry: ActiveEntry, recipient: Recipient, outcome: Outcome, relay: str
+        self,
+        entry: ActiveEntry,
+        recipient: Recipient,
+        outcome: Outcome,
+        relay: str,
+        tls: str | None = None,
     ) -> None:
         now = self.reactor.seconds()
         envelope = entry.claimed.envelope
@@ -354,6 +401,7 @@ class DeliveryService(Service):
             outcome.status,
             status,
             outcome.diagnostic,
+            tls=tls,
         )
         self.metrics.delivery(outcome.result.value, now - envelope.arrival_time)
         if self.hooks.has_hook(outcome.result.value):
@@ -418,7 +466,7 @@ class DeliveryService(Service):
             )
             await self.store.mark_deferred(claimed, now + delay, status)
         else:
-            self.store.complete(claimed)
+            await self.store.complete_later(claimed)
             self.maillog.removed(entry.queue_id)
 
     async def _queue_dsn(
@@ -426,7 +474,10 @@ class DeliveryService(Service):
     ) -> None:
         envelope = claimed.envelope
         with claimed.open_content() as content:
-            headers = extract_headers(content.read(HEADER_READ_LIMIT))
+            # The returned headers are the delivered ones: without what hooks dropped.
+            headers = extract_headers(
+                drop_header_fields(content.read(HEADER_READ_LIMIT), envelope.drop_headers)
+            )
         message = self.store.open_message()
         message.write(build_dsn(envelope, failed, headers, self.config.hostname, now))
         dsn = Envelope(
@@ -440,6 +491,15 @@ class DeliveryService(Service):
         await message.commit(dsn)
         self.maillog.bounce_created(envelope.queue_id, dsn.queue_id)
         self.notify_queued(dsn.queue_id)
+
+
+def _hook_outcome(decision: Decision, ctx: DeliverContext) -> Outcome:
+    """A deliver hook's tempfail as the batch's outcome; the log line names the plugin."""
+    outcome = classify_reply(decision.reply or replies.PLUGIN_ERROR)
+    note = f"deliver hook {decision.decided_by}"
+    if ctx.results:
+        note += f": {ctx.results.format()}"
+    return replace(outcome, diagnostic=f"{outcome.diagnostic} ({note})")
 
 
 @dataclass(frozen=True, slots=True)

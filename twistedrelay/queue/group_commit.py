@@ -16,14 +16,20 @@ the caller asked, i.e. after its rename; it errbacks (with the fsync's error) ot
 Under load this makes one fsync per batch instead of one per message; idle, it adds no
 delay. File fsyncs are not batched here: they run in parallel pool threads, and the file
 system's journal batches them itself.
+
+SerialBatcher does the same for work nobody must wait for before replying (removing
+delivered entries): one pool job per batch instead of one per item.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
+
+_Item = TypeVar("_Item")
 
 
 class _DirectoryBatch:
@@ -98,4 +104,58 @@ class GroupCommitter:
         else:
             self.renames_synced += len(covered)
             for waiter in covered:
+                waiter.callback(None)
+
+
+class SerialBatcher(Generic[_Item]):
+    """Runs work on items in pool threads, one batch at a time, each batch in one thread job.
+
+    For cheap file-system calls that must stay off the reactor thread (an unlink waits for
+    the file system's journal while fsyncs run: milliseconds under load) but that do not
+    deserve one thread hop each: items added while a batch runs wait for the next one, so
+    under load one job handles many items, and idle it adds no delay.
+
+    :param run_in_thread: as for GroupCommitter.
+    :param process: handles one batch of items in the pool thread; it must not raise (it
+        logs what failed), since nobody may be waiting for its outcome.
+    """
+
+    def __init__(
+        self,
+        run_in_thread: Callable[[Callable[[], None]], Deferred[None]],
+        process: Callable[[list[_Item]], None],
+    ) -> None:
+        self._run_in_thread = run_in_thread
+        self._process = process
+        self._items: list[_Item] = []
+        self._waiting: list[Deferred[None]] = []
+        self._running = False
+        #: Batches started so far (tests and benchmarks read it).
+        self.batches = 0
+
+    def add(self, item: _Item) -> Deferred[None]:
+        """Queue ``item``; the Deferred fires once the batch holding it has been processed."""
+        waiter: Deferred[None] = Deferred()
+        self._items.append(item)
+        self._waiting.append(waiter)
+        if not self._running:
+            self._start()
+        return waiter
+
+    def _start(self) -> None:
+        items, self._items = self._items, []
+        covered, self._waiting = self._waiting, []
+        self._running = True
+        self.batches += 1
+        done = self._run_in_thread(lambda: self._process(items))
+        done.addBoth(self._finished, covered)
+
+    def _finished(self, result: None | Failure, covered: list[Deferred[None]]) -> None:
+        self._running = False
+        if self._items:
+            self._start()
+        for waiter in covered:
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
                 waiter.callback(None)

@@ -77,7 +77,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from twistedrelay.queue.entry import EntryStatus, Envelope
-from twistedrelay.queue.group_commit import GroupCommitter
+from twistedrelay.queue.group_commit import GroupCommitter, SerialBatcher
 from twistedrelay.queue.ids import QueueIdGenerator, is_queue_id
 from twistedrelay.queue.incoming import (
     FOOTER_SIZE,
@@ -243,6 +243,9 @@ class QueueStore:
                 )
         self._pool = threadpool
         self.group_commit = GroupCommitter(self._run_in_thread, self._fs.sync_directory)
+        self._removals: SerialBatcher[ClaimedEntry] = SerialBatcher(
+            self._run_in_thread, self._remove_entries
+        )
         self._observers: list[CommitObserver] = []
         self._known_owners: set[str] = set()
 
@@ -427,6 +430,31 @@ class QueueStore:
         """
         self._fs.remove(entry.path)
         self._fs.remove(self.layout.status_path(entry.queue_id))
+
+    def complete_later(self, entry: ClaimedEntry) -> Deferred[None]:
+        """complete() in a pool thread, batched with the completions that arrive meanwhile.
+
+        For the delivery path: an unlink waits for the file system's journal while other
+        sessions' fsyncs run (milliseconds under load), which the reactor thread must not.
+        A crash before the batch runs leaves the entry in active/<owner>/, delivered again
+        after a reclaim (at-least-once).
+
+        :returns: fires with None once the entry is removed (a failure is logged, never
+            raised: the entry is then delivered again after a reclaim).
+        """
+        return self._removals.add(entry)
+
+    def _remove_entries(self, entries: list[ClaimedEntry]) -> None:
+        """Pool job of complete_later(): remove each entry, then its sidecar."""
+        for entry in entries:
+            try:
+                self.complete(entry)
+            except OSError as error:
+                log.error(
+                    "cannot remove delivered entry queue_id={queue_id} error={error!r}",
+                    queue_id=entry.queue_id,
+                    error=error,
+                )
 
     def release(self, entry: ClaimedEntry) -> None:
         """Give a claimed entry back to incoming/ untouched (e.g. at shutdown).

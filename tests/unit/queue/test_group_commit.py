@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twisted.internet.defer import Deferred
 
-from twistedrelay.queue.group_commit import GroupCommitter
+from twistedrelay.queue.group_commit import GroupCommitter, SerialBatcher
 
 
 class ManualThreads:
@@ -105,3 +105,22 @@ def test_a_request_from_a_callback_is_not_lost():
     assert len(threads.jobs) == 1
     threads.finish_next()
     assert second == [None]
+
+
+def test_serial_batcher_runs_items_added_during_a_batch_in_one_next_batch():
+    """Idle, an item starts a job at once; items added while it runs share one later job."""
+    threads = ManualThreads()
+    processed: list[list[int]] = []
+    batcher = SerialBatcher(threads.run, processed.append)
+    first = _results([batcher.add(0)])
+    later = _results([batcher.add(n) for n in range(1, 6)])
+    assert len(threads.jobs) == 1, "one job at a time"
+    threads.finish_next()
+    assert processed == [[0]]
+    assert first == [None]
+    assert later == []
+    threads.finish_next()
+    assert processed == [[0], [1, 2, 3, 4, 5]]
+    assert later == [None] * 5
+    assert batcher.batches == 2
+    assert threads.jobs == []
