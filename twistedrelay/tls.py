@@ -143,9 +143,8 @@ def describe_tls(transport: object) -> str | None:
     :returns: e.g. ``"TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)"``, or None
         when the transport is not (yet) encrypted.
     """
-    get_handle = getattr(transport, "getHandle", None)
-    handle = get_handle() if get_handle is not None else None
-    if not isinstance(handle, SSL.Connection):
+    handle = _ssl_handle(transport)
+    if handle is None:
         return None
     cipher = handle.get_cipher_name()
     if cipher is None:
@@ -154,6 +153,23 @@ def describe_tls(transport: object) -> str | None:
     # Postfix's form "(secret/algorithm bits)"; OpenSSL's secret bits equal the algorithm's
     # bits for every cipher we allow.
     return f"{handle.get_protocol_version_name()} with cipher {cipher} ({bits}/{bits} bits)"
+
+
+def tls_version(transport: object) -> str | None:
+    """The TLS version of a connection once its handshake is done, e.g. ``"TLSv1.3"``.
+
+    :returns: None when the transport is not encrypted or the handshake has not completed.
+    """
+    handle = _ssl_handle(transport)
+    if handle is None or handle.get_cipher_name() is None:
+        return None
+    return str(handle.get_protocol_version_name())
+
+
+def _ssl_handle(transport: object) -> SSL.Connection | None:
+    get_handle = getattr(transport, "getHandle", None)
+    handle = get_handle() if get_handle is not None else None
+    return handle if isinstance(handle, SSL.Connection) else None
 
 
 # -- outbound ------------------------------------------------------------------------------
@@ -215,6 +231,16 @@ class ClientTLSOptions:
         if not tls_used:
             return "no TLS"
         return "TLS used and verified" if self.verifies else "TLS used, not verified"
+
+    def log_value(self, version: str | None) -> str:
+        """The delivery log's ``tls=`` value, without commas so the line stays key=value.
+
+        :param version: the negotiated version (:func:`tls_version`); None for clear text.
+        :returns: ``"none"``, or e.g. ``"TLSv1.3 verified"`` / ``"TLSv1.3 not verified"``.
+        """
+        if version is None:
+            return "none"
+        return f"{version} {'verified' if self.verifies else 'not verified'}"
 
 
 class ClientTLS:

@@ -32,6 +32,7 @@ from twistedrelay.smtp.client_session import (
     TransactionResult,
 )
 from twistedrelay.smtp.replies import Reply
+from twistedrelay.tls import VERIFICATION_ERRORS
 
 CONTENT_CHUNK_BYTES = 64 * 1024
 
@@ -111,8 +112,13 @@ class SMTPClientProtocol(Protocol):
         self.is_open = False
         self.is_ready = False
         self._cancel_timer()
-        self._handle(self.session.abort(replies.CONNECTION_LOST))
-        self._fail_ready(replies.CONNECTION_LOST)
+        lost = replies.CONNECTION_LOST
+        if self.tls_used and reason is not None and reason.check(*VERIFICATION_ERRORS):
+            # Say why: a certificate that failed "verify" must not read as a network glitch.
+            failed = replies.TLS_HANDSHAKE_FAILED
+            lost = failed.with_text(f"{failed.text}: {_ssl_error_text(reason.value)}")
+        self._handle(self.session.abort(lost))
+        self._fail_ready(lost)
         if not self.closed.called:
             self.closed.callback(None)
 
@@ -247,3 +253,13 @@ class SMTPClientProtocol(Protocol):
         self._fail_ready(replies.CONVERSATION_TIMED_OUT)
         if self.is_open:
             self.transport.abortConnection()  # type: ignore[union-attr]
+
+
+def _ssl_error_text(error: BaseException) -> str:
+    """One line about a failed handshake: OpenSSL's reasons, or service-identity's message."""
+    args = getattr(error, "args", ())
+    if args and isinstance(args[0], list):
+        reasons = [str(part[2]) for part in args[0] if isinstance(part, tuple) and len(part) == 3]
+        if reasons:
+            return ", ".join(reasons)
+    return " ".join(str(error).split()) or type(error).__name__

@@ -30,6 +30,7 @@ from twistedrelay.delivery.outcome import (
 from twistedrelay.metrics import RelayMetrics
 from twistedrelay.resolver import MailHost
 from twistedrelay.smtp.client_session import ClientSession
+from twistedrelay.tls import ClientTLSOptions, tls_version
 
 _log = Logger(namespace="twistedrelay.delivery")
 
@@ -60,11 +61,20 @@ class PoolSettings:
 
 @dataclass(slots=True)
 class PooledConnection:
-    """A connection with the mail host it goes to."""
+    """A connection with the mail host it goes to and the TLS policy it was opened with."""
 
     protocol: SMTPClientProtocol
     host: MailHost
+    tls: ClientTLSOptions
     idle_timer: IDelayedCall | None = None
+
+    @property
+    def tls_description(self) -> str:
+        """The delivery log's ``tls=`` value (see :meth:`ClientTLSOptions.log_value`)."""
+        if not self.protocol.tls_used:
+            return self.tls.log_value(None)
+        # "TLS" when the version cannot be read any more (the connection is gone).
+        return self.tls.log_value(tls_version(self.protocol.transport) or "TLS")
 
 
 class _ConnectorFactory(ClientFactory):
@@ -84,8 +94,8 @@ class _ConnectorFactory(ClientFactory):
 class DestinationPool:
     """Connections for one destination.
 
-    :param tls_for_host: given a mail host name, returns (tls level, creator factory) for
-        the ClientSession and the STARTTLS step.
+    :param tls_for_host: given a mail host name, returns the TLS options (level and
+        connection creator) for the ClientSession and the STARTTLS step.
     """
 
     def __init__(
@@ -94,7 +104,7 @@ class DestinationPool:
         settings: PoolSettings,
         reactor: Any,
         metrics: RelayMetrics,
-        tls_for_host: Callable[[str], tuple[str, Callable[[], Any] | None]],
+        tls_for_host: Callable[[str], ClientTLSOptions],
     ) -> None:
         self.destination = destination
         self.settings = settings
@@ -132,13 +142,14 @@ class DestinationPool:
         )
 
     async def _connect(self, host: MailHost) -> PooledConnection:
-        level, creator = self.tls_for_host(host.name)
+        tls = self.tls_for_host(host.name)
+        creator = tls.creator
         protocol = SMTPClientProtocol(
-            ClientSession(self.settings.helo_name, tls_level=level),
+            ClientSession(self.settings.helo_name, tls_level=tls.level),
             self.reactor,
             self.settings.command_timeout,
             self.settings.data_timeout,
-            tls_context=creator,
+            tls_context=(lambda: creator) if creator is not None else None,
         )
         self.reactor.connectTCP(
             host.address,
@@ -159,7 +170,7 @@ class DestinationPool:
         # Counted once the host greeted and took EHLO, so refused connects do not inflate it.
         self.metrics.outbound_connection_opened()
         protocol.closed.addBoth(lambda _: self.metrics.outbound_connection_closed())
-        return PooledConnection(protocol, host)
+        return PooledConnection(protocol, host, tls)
 
     def _closed(self, _: object) -> None:
         self.open_count -= 1

@@ -133,5 +133,6 @@ CONVERSATION_TIMED_OUT = Reply(421, "4.4.2", "Timed out while talking to mail ho
 MALFORMED_REPLY = Reply(451, "4.5.0", "Malformed reply from mail host")
 TLS_REQUIRED_NOT_OFFERED = Reply(450, "4.7.4", "TLS is required, but was not offered by host")
 TLS_REQUIRED_REFUSED = Reply(450, "4.7.4", "TLS is required, but host refused to start TLS")
+TLS_HANDSHAKE_FAILED = Reply(421, "4.7.5", "TLS handshake with mail host failed")
 MESSAGE_TOO_BIG_FOR_HOST = Reply(552, "5.3.4", "Message size exceeds the size limit of host")
 SMTPUTF8_NOT_OFFERED = Reply(554, "5.6.7", "SMTPUTF8 is required, but was not offered by host")
