@@ -205,7 +205,9 @@ class MailLog:
         :param delay_seconds: time since the message arrived.
         :param status: "sent" (or the outcome name "delivered"), "deferred" or "bounced".
         :param reply_text: the remote reply, or why there was none ("connect timed out").
-        :param tls: the TLS version used, e.g. "TLSv1.3"; None for plain text.
+        :param tls: what TLS the connection used (``ClientTLSOptions.log_value``), e.g.
+            "TLSv1.3 verified", "TLSv1.3 not verified" or "none"; None leaves it out (no
+            connection was made).
         :raises ValueError: an unknown status.
         """
         word = _STATUS.get(status)
