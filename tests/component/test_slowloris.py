@@ -148,3 +148,42 @@ async def test_connection_rate_per_ip_refuses_a_flood(tmp_path: Path) -> None:
         await harness.stop()
     assert [g[:4] for g in greetings[:3]] == [b"220 "] * 3
     assert greetings[3] == replies.TOO_MANY_CONNECTIONS.to_bytes()
+
+
+@pytest_twisted.ensureDeferred
+async def test_data_trickled_a_byte_at_a_time_hits_data_timeout(tmp_path: Path) -> None:
+    """smtp.data_timeout bounds the whole DATA phase: trickling bytes does not reset it."""
+    harness = InboundHarness(
+        _reactor(), tmp_path, {"smtp": {"command_timeout": 5, "data_timeout": 0.5}}
+    )
+    port = harness.start()
+
+    def trickle() -> tuple[bytes, float]:
+        with socket.create_connection(("127.0.0.1", port), 5, ("127.0.0.7", 0)) as sock:
+            _read_line(sock)
+            sock.sendall(b"HELO x\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n")
+            replies_so_far = b""
+            while not replies_so_far.endswith(replies.START_MAIL_INPUT.to_bytes()):
+                chunk = sock.recv(512)
+                assert chunk, replies_so_far
+                replies_so_far += chunk
+            started = time.monotonic()
+            sock.settimeout(0.1)
+            for _ in range(50):  # at most 5 s of one byte per 0.1 s
+                try:
+                    sock.sendall(b"x")
+                    answer = sock.recv(512)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    break
+                return answer, time.monotonic() - started
+            return b"", time.monotonic() - started
+
+    try:
+        answer, seconds = await threads.deferToThread(trickle)
+    finally:
+        await harness.stop()
+    assert answer == replies.IDLE_TIMEOUT.to_bytes(), answer
+    assert 0.4 <= seconds < 2.0, seconds
+    assert harness.queued == []
