@@ -14,9 +14,11 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from OpenSSL import SSL
 from twisted.internet.task import deferLater
 from twisted.logger import LogEvent, Logger
 
+from twistedrelay.bench.sink_server import SinkTLS
 from twistedrelay.config import parse_config
 from twistedrelay.delivery.service import DeliveryService, build_delivery_service
 from twistedrelay.eventlog import MailLog
@@ -219,6 +221,23 @@ async def test_encrypt_accepts_any_certificate_and_logs_not_verified(
 async def test_may_delivers_in_clear_without_starttls(tmp_path: Path) -> None:
     """delivery.tls = "may" against a sink without STARTTLS: delivered in clear, tls=none."""
     line, sink = await _deliver_once(tmp_path, SinkServer(_reactor()), {"tls": "may"})
+    assert "status=sent" in line, line
+    assert ", tls=none, " in line
+    assert len(sink.messages) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_may_falls_back_to_clear_when_the_handshake_fails(
+    tmp_path: Path, certs: TestCertificates
+) -> None:
+    """delivery.tls = "may": a host whose TLS handshake fails gets the message in clear text."""
+    context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    # Offers STARTTLS but speaks only TLS 1.1, which the relay's client refuses.
+    context.set_max_proto_version(SSL.TLS1_1_VERSION)
+    context.use_certificate_chain_file(str(certs.server_certificate))
+    context.use_privatekey_file(str(certs.server_key))
+    sink = SinkServer(_reactor(), tls_options=SinkTLS(context))
+    line, sink = await _deliver_once(tmp_path, sink, {"tls": "may"})
     assert "status=sent" in line, line
     assert ", tls=none, " in line
     assert len(sink.messages) == 1

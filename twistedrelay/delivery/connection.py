@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from typing_extensions import override
+from zope.interface import implementer
 
 from twistedrelay.delivery.headers import HeaderFilter
 from twistedrelay.smtp import replies
@@ -64,6 +65,7 @@ class OutboundMessage:
     drop_headers: Sequence[tuple[str, str | None]] = ()
 
 
+@implementer(IHandshakeListener)
 class SMTPClientProtocol(Protocol):
     """Drives a ClientSession over a transport.
 
@@ -92,6 +94,7 @@ class SMTPClientProtocol(Protocol):
         self.is_ready = False
         self.is_open = False
         self.tls_used = False
+        self.tls_established = False
         self._transaction: defer.Deferred[TransactionResult] | None = None
         self._message: OutboundMessage | None = None
         self._timer: IDelayedCall | None = None
@@ -113,14 +116,22 @@ class SMTPClientProtocol(Protocol):
         self.is_ready = False
         self._cancel_timer()
         lost = replies.CONNECTION_LOST
-        if self.tls_used and reason is not None and reason.check(*VERIFICATION_ERRORS):
-            # Say why: a certificate that failed "verify" must not read as a network glitch.
+        if self.tls_used and not self.tls_established:
+            # Say why: a failed handshake (a certificate that failed "verify", no common
+            # protocol version) must not read as a network glitch; "may" falls back on it.
             failed = replies.TLS_HANDSHAKE_FAILED
-            lost = failed.with_text(f"{failed.text}: {_ssl_error_text(reason.value)}")
+            why = "connection closed"
+            if reason is not None and reason.check(*VERIFICATION_ERRORS):
+                why = _ssl_error_text(reason.value)
+            lost = failed.with_text(f"{failed.text}: {why}")
         self._handle(self.session.abort(lost))
         self._fail_ready(lost)
         if not self.closed.called:
             self.closed.callback(None)
+
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: the STARTTLS handshake succeeded (and verified, for "verify")."""
+        self.tls_established = True
 
     # -- what the pool calls --------------------------------------------------------------
 

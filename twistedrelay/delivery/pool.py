@@ -30,6 +30,7 @@ from twistedrelay.delivery.outcome import (
 from twistedrelay.metrics import RelayMetrics
 from twistedrelay.resolver import MailHost
 from twistedrelay.smtp.client_session import ClientSession
+from twistedrelay.smtp.replies import TLS_HANDSHAKE_FAILED
 from twistedrelay.tls import ClientTLSOptions, tls_version
 
 _log = Logger(namespace="twistedrelay.delivery")
@@ -143,6 +144,22 @@ class DestinationPool:
 
     async def _connect(self, host: MailHost) -> PooledConnection:
         tls = self.tls_for_host(host.name)
+        try:
+            return await self._connect_with(host, tls)
+        except ConnectionNotReadyError as e:
+            if tls.level != "may" or e.reply.enhanced != TLS_HANDSHAKE_FAILED.enhanced:
+                raise
+            # RFC 7435 §3: opportunistic TLS that fails falls back to clear text, as Postfix
+            # does, on a new connection to the same host (STARTTLS cannot be taken back).
+            _log.info(
+                "{destination}: TLS handshake with {host} failed ({reply}); retrying in clear",
+                destination=self.destination,
+                host=str(host),
+                reply=str(e.reply),
+            )
+        return await self._connect_with(host, ClientTLSOptions("none", None))
+
+    async def _connect_with(self, host: MailHost, tls: ClientTLSOptions) -> PooledConnection:
         creator = tls.creator
         protocol = SMTPClientProtocol(
             ClientSession(self.settings.helo_name, tls_level=tls.level),
