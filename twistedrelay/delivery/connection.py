@@ -266,7 +266,7 @@ class SMTPClientProtocol(Protocol):
             self.transport.abortConnection()  # type: ignore[union-attr]
 
 
-def _ssl_error_text(error: BaseException) -> str:
+def _ssl_error_text(error: object) -> str:
     """One line about a failed handshake: OpenSSL's reasons, or service-identity's message."""
     args = getattr(error, "args", ())
     if args and isinstance(args[0], list):
