@@ -11,8 +11,8 @@ Canonicalization is relaxed/relaxed (RFC 6376 §3.4.2, §3.4.4), which survives 
 refolding and trailing-whitespace changes of other relays. List this plugin after every
 plugin that adds or drops headers, and never drop a header it signs.
 
-Needs the optional ``dkim`` extra (``pip install 'twistedrelay[dkim]'``, dkimpy);
-``ed25519-sha256`` also needs PyNaCl. Signing is done in the relay's thread pool when it
+Needs the optional ``dkim`` extra (``pip install 'twistedrelay[dkim]'``: dkimpy, and PyNaCl
+for ``ed25519-sha256``). Signing is done in the relay's thread pool when it
 offers one (dkimpy's RSA is pure Python: about 6 ms per message, plus hashing the body).
 
 Settings (``[plugins.dkim_sign]``), one domain::

@@ -172,7 +172,9 @@ class Decision:
     def drop_header(cls, name: str, value: str | None = None) -> Decision:
         """Omit header fields called ``name`` from the queued copy and proceed (data only).
 
-        With ``value``, only fields whose unfolded, stripped value equals it are omitted.
+        With ``value``, only fields whose unfolded, whitespace-collapsed value (as in
+        ``DataContext.headers``) equals it are omitted. Delivery does the omitting: the
+        stored file keeps the field (delivery/headers.py).
         """
         return cls.proceed(drop_headers=[(name, value)])
 
