@@ -305,7 +305,11 @@ class SMTPServerProtocol(Protocol):
             data = b""
             if pending is None:
                 return
-            decision = self._decide(pending)
+            try:
+                decision = self._decide(pending)
+            except Exception:
+                # A bug must cost the client one 451, never the session or the worker.
+                decision = self._internal_error(Failure())
             if isinstance(decision, defer.Deferred):
                 self._waiting = True
                 self.transport.pauseProducing()  # type: ignore[union-attr]
