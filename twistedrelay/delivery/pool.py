@@ -179,11 +179,15 @@ class DestinationPool:
         try:
             await protocol.ready
         except BaseException:
+            if protocol.tls_used and not protocol.tls_established:
+                self.metrics.tls_handshake("outbound", False)
             if protocol.is_open:
                 protocol.transport.abortConnection()  # type: ignore[union-attr]
             elif not protocol.closed.called:
                 protocol.closed.callback(None)
             raise
+        if protocol.tls_established:
+            self.metrics.tls_handshake("outbound", True)
         # Counted once the host greeted and took EHLO, so refused connects do not inflate it.
         self.metrics.outbound_connection_opened()
         protocol.closed.addBoth(lambda _: self.metrics.outbound_connection_closed())
