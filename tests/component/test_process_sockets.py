@@ -107,3 +107,70 @@ def test_metrics_socket_is_not_bound_when_no_one_serves_it() -> None:
         assert listeners.metrics_socket() is None
     finally:
         listeners.close_all()
+
+
+def test_each_worker_slot_gets_its_own_socket_on_the_same_port() -> None:
+    """With copies, every slot has a distinct socket per address, all on one port."""
+    config = parse_config(
+        {"smtp": {"listen": ["127.0.0.1:0", "127.0.0.1:0"]}, "metrics": {"listen": ""}}, "t"
+    )
+    listeners = ListeningSockets(config, copies=2)
+    listeners.bind_all()
+    try:
+        slot0, slot1 = listeners.by_name(0)["smtp"], listeners.by_name(1)["smtp"]
+        assert len(slot0) == len(slot1) == 2
+        assert {b.sock.fileno() for b in slot0}.isdisjoint(b.sock.fileno() for b in slot1)
+        assert [b.port for b in slot0] == [b.port for b in slot1]
+        assert slot0[0].port != slot0[1].port
+        assert [b.sock.fileno() for b in listeners.by_name(2)["smtp"]] == [
+            b.sock.fileno() for b in slot0
+        ]
+    finally:
+        listeners.close_all()
+
+
+def test_copies_spread_connections_over_every_slot() -> None:
+    """The kernel hands new connections to both slots' sockets, not all to one."""
+    config = parse_config({"smtp": {"listen": ["127.0.0.1:0"]}, "metrics": {"listen": ""}}, "t")
+    listeners = ListeningSockets(config, copies=2)
+    listeners.bind_all()
+    clients = []
+    try:
+        port = listeners.by_name(0)["smtp"][0].port
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(40)]
+        accepted = []
+        for slot in (0, 1):
+            sock = listeners.by_name(slot)["smtp"][0].sock
+            count = 0
+            while True:
+                try:
+                    conn, _ = sock.accept()
+                except BlockingIOError:
+                    break
+                conn.close()
+                count += 1
+            accepted.append(count)
+        assert sum(accepted) == 40
+        assert min(accepted) > 0, accepted
+    finally:
+        for client in clients:
+            client.close()
+        listeners.close_all()
+
+
+def test_copies_refuse_an_address_another_relay_listens_on() -> None:
+    """SO_REUSEPORT must not let a second relay join a running one's port silently."""
+    config = parse_config({"smtp": {"listen": ["127.0.0.1:0"]}, "metrics": {"listen": ""}}, "t")
+    first = ListeningSockets(config, copies=2)
+    first.bind_all()
+    try:
+        port = first.by_name(0)["smtp"][0].port
+        again = parse_config(
+            {"smtp": {"listen": [f"127.0.0.1:{port}"]}, "metrics": {"listen": ""}}, "t"
+        )
+        second = ListeningSockets(again, copies=2)
+        with pytest.raises(ListenError, match="in use"):
+            second.bind_all()
+        assert second.bound == []
+    finally:
+        first.close_all()

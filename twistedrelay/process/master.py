@@ -256,7 +256,7 @@ class WorkerSupervisor(Service):
         child_fds: dict[int, str | int] = {0: "w", 1: "r", 2: "r"}
         fds_by_name: dict[str, list[int]] = {}
         next_fd = FIRST_LISTENER_FD
-        for name, bound_sockets in self._listeners.by_name().items():
+        for name, bound_sockets in self._listeners.by_name(slot).items():
             for bound in bound_sockets:
                 child_fds[next_fd] = bound.sock.fileno()
                 fds_by_name.setdefault(name, []).append(next_fd)
@@ -409,7 +409,9 @@ class MasterService(MultiService):
             metrics_directory or os.path.join(config.queue.directory, "metrics")
         )
         worker_identity(config)  # fail in makeService, not after the sockets are bound
-        self.listeners = ListeningSockets(config, include_metrics=metrics_service is not None)
+        self.listeners = ListeningSockets(
+            config, include_metrics=metrics_service is not None, copies=config.worker_count
+        )
         self.listeners.setServiceParent(self)
         self.supervisor: WorkerSupervisor | None = None
         self._previous_handlers: dict[int, Any] = {}  # Any: what signal.signal returns

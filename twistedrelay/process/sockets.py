@@ -2,10 +2,15 @@
 
 Owns binding every listener of the config (``[smtp] listen``, ``submission``,
 ``submissions`` and ``[metrics] listen``) and keeping the sockets open for the life of the
-master. It does not accept connections: workers inherit the SMTP sockets (one shared accept
-queue per socket, so the kernel spreads connections over the workers) and the metrics
-server adopts its own. Invariant: after ``privilegedStartService`` returns, every configured
-address is bound and listening, or start-up failed with a :class:`ListenError` naming it.
+master. It does not accept connections: workers inherit the SMTP sockets and the metrics
+server adopts its own. With several workers each SMTP address is bound once per worker slot
+with SO_REUSEPORT, so the kernel spreads new connections evenly over the slots' accept
+queues; one shared accept queue let whichever worker woke first take a whole burst (42 of
+42 connections in a benchmark run, leaving the other core idle). The master keeps every
+copy open, so a restarted worker adopts its slot's socket again and the connections queued
+there while it was down are served then. Invariant: after ``privilegedStartService``
+returns, every configured address is bound and listening, or start-up failed with a
+:class:`ListenError` naming it.
 """
 
 from __future__ import annotations
@@ -58,7 +63,9 @@ class BoundSocket:
         return port
 
 
-def bind_listener(name: str, endpoint: Endpoint, backlog: int = LISTEN_BACKLOG) -> BoundSocket:
+def bind_listener(
+    name: str, endpoint: Endpoint, backlog: int = LISTEN_BACKLOG, *, reuse_port: bool = False
+) -> BoundSocket:
     """Bind and listen on one address.
 
     The socket has SO_REUSEADDR (a restarted relay rebinds while old connections sit in
@@ -66,6 +73,7 @@ def bind_listener(name: str, endpoint: Endpoint, backlog: int = LISTEN_BACKLOG) 
     configured), and is non-blocking, as the reactors that adopt it expect.
 
     :param name: the listener name, used in the error message.
+    :param reuse_port: set SO_REUSEPORT (one of a group of sockets on the same address).
     :raises ListenError: the address does not resolve, or bind/listen fails (in use, no
         permission for a port below 1024, address not on this host).
     """
@@ -79,6 +87,8 @@ def bind_listener(name: str, endpoint: Endpoint, backlog: int = LISTEN_BACKLOG) 
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(address)
@@ -88,6 +98,33 @@ def bind_listener(name: str, endpoint: Endpoint, backlog: int = LISTEN_BACKLOG) 
         sock.close()
         raise ListenError(f"cannot listen for {name} on {endpoint}: {e.strerror or e}") from None
     return BoundSocket(name, endpoint, sock)
+
+
+def bind_copies(name: str, endpoint: Endpoint, copies: int) -> list[BoundSocket]:
+    """Bind ``copies`` listening sockets on one address (SO_REUSEPORT when more than one).
+
+    A plain socket is bound first and closed again: SO_REUSEPORT alone would let the group
+    join another process's listener on the same address (a second relay run by the same
+    user), which must fail with "in use" instead. The probe also picks the port when the
+    configured one is 0.
+
+    :raises ListenError: as bind_listener().
+    """
+    if copies <= 1:
+        return [bind_listener(name, endpoint)]
+    probe = bind_listener(name, endpoint)
+    port = probe.port
+    probe.sock.close()
+    bound: list[BoundSocket] = []
+    try:
+        for _ in range(copies):
+            copy = bind_listener(name, Endpoint(endpoint.host, port), reuse_port=True)
+            bound.append(BoundSocket(name, endpoint, copy.sock))
+    except ListenError:
+        for each in bound:
+            each.sock.close()
+        raise
+    return bound
 
 
 def configured_listeners(
@@ -112,10 +149,13 @@ class ListeningSockets(Service):
     so port 25 can be bound by a relay that then runs unprivileged.
 
     :param include_metrics: also bind ``[metrics] listen`` (when the master serves metrics).
+    :param copies: how many sockets to bind per SMTP address: one per worker slot.
     """
 
-    def __init__(self, config: Config, include_metrics: bool = True) -> None:
+    def __init__(self, config: Config, include_metrics: bool = True, copies: int = 1) -> None:
         self._listeners = configured_listeners(config, include_metrics)
+        self._copies = max(1, copies)
+        #: Every bound socket; the copies of an SMTP address are consecutive, slot 0's first.
         self.bound: list[BoundSocket] = []
 
     @override
@@ -142,11 +182,16 @@ class ListeningSockets(Service):
             return
         try:
             for name, endpoint in self._listeners:
-                self.bound.append(bind_listener(name, endpoint))
+                if name in SMTP_LISTENERS:
+                    self.bound.extend(bind_copies(name, endpoint, self._copies))
+                else:
+                    self.bound.append(bind_listener(name, endpoint))
         except ListenError:
             self.close_all()
             raise
         for bound in self.bound:
+            if bound.name in SMTP_LISTENERS and self._copy_index(bound) != 0:
+                continue  # one line per address, not per copy
             log.info(
                 "listening for {name} on {address}",
                 name=bound.name,
@@ -159,13 +204,21 @@ class ListeningSockets(Service):
             bound.sock.close()
         self.bound = []
 
-    def by_name(self) -> Mapping[str, Sequence[BoundSocket]]:
-        """The bound SMTP sockets grouped by listener name (no empty groups, no metrics)."""
+    def by_name(self, slot: int = 0) -> Mapping[str, Sequence[BoundSocket]]:
+        """The SMTP sockets of worker ``slot`` grouped by listener name (no empty groups).
+
+        :param slot: the worker slot; it gets its own copy of every SMTP address.
+        """
         grouped: dict[str, list[BoundSocket]] = {}
         for bound in self.bound:
-            if bound.name in SMTP_LISTENERS:
+            if bound.name in SMTP_LISTENERS and self._copy_index(bound) == slot % self._copies:
                 grouped.setdefault(bound.name, []).append(bound)
         return grouped
+
+    def _copy_index(self, bound: BoundSocket) -> int:
+        """Which slot's copy of its address an SMTP socket is (bind_all binds them in order)."""
+        smtp = [each for each in self.bound if each.name in SMTP_LISTENERS]
+        return smtp.index(bound) % self._copies
 
     def metrics_socket(self) -> BoundSocket | None:
         """The bound metrics socket, if ``[metrics] listen`` is set."""
