@@ -216,7 +216,13 @@ def _rdata_text(rtype: str, value: Any) -> str:
             f"{int(preference)} {exchange.rstrip('.')}." if exchange != "." else f"{preference} ."
         )
     if rtype == "TXT":
-        return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+        # RFC 1035 §3.3.14: a TXT record is a sequence of strings of at most 255 bytes each
+        # (a 2048-bit DKIM key needs several); verifiers join them.
+        text = str(value)
+        pieces = [text[i : i + 255] for i in range(0, len(text), 255)] or [""]
+        return " ".join(
+            '"' + piece.replace("\\", "\\\\").replace('"', '\\"') + '"' for piece in pieces
+        )
     return str(value)
 
 
