@@ -476,7 +476,7 @@ class ClientSession:
             )
             return events
         for index, reply in enumerate(received):
-            if self.stage is Stage.CLOSED:
+            if self._is_closed():
                 break
             self._on_reply(reply, events)
             if self.stage is Stage.TLS_HANDSHAKE and (
@@ -491,6 +491,11 @@ class ClientSession:
                 )
                 break
         return events
+
+    def _is_closed(self) -> bool:
+        # A call, not an inline `is` test: _on_reply may close the session, which the type
+        # checker's narrowing of self.stage (from the test above the loop) cannot see.
+        return self.stage is Stage.CLOSED
 
     def tls_established(self) -> list[Event]:
         """The TLS handshake finished: forget what was learnt in plaintext and EHLO again."""
