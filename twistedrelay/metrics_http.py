@@ -20,14 +20,16 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from twisted.application.service import IService, Service
 from twisted.logger import Logger
+from twisted.web.http import Request as HTTPRequest
 from twisted.web.pages import notFound
-from twisted.web.resource import Resource
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 from typing_extensions import override
 
 from twistedrelay.metrics import QueueGaugeCollector, build_master_registry
 
 if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
     from twisted.internet.interfaces import IListeningPort, IReactorTCP
 
     from twistedrelay.config import Endpoint
@@ -40,11 +42,10 @@ class MetricsResource(Resource):
     isLeaf = True  # noqa: N815 (Twisted's attribute name)
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # twisted.web's Resource is unannotated
         self._registry = registry
 
-    @override
-    def render_GET(self, request: Request) -> bytes:  # type: ignore[override]
+    def render_GET(self, request: Request) -> bytes:
         """Collect now and answer with the text exposition."""
         accept = request.getHeader("accept")
         encoder, content_type = choose_encoder(accept or "")
@@ -56,8 +57,11 @@ class MetricsResource(Resource):
 class _QuietSite(Site):
     """A Site that writes no access log line per scrape (one every 15 s is only noise)."""
 
+    def __init__(self, resource: IResource) -> None:
+        super().__init__(resource)  # type: ignore[no-untyped-call]  # twisted.web's Site is unannotated
+
     @override
-    def log(self, request: Request) -> None:
+    def log(self, request: HTTPRequest) -> None:
         """Log nothing."""
 
 
@@ -65,7 +69,7 @@ class _Root(Resource):
     """Serves its children; anything else is a plain 404."""
 
     @override
-    def getChild(self, path: bytes, request: Request) -> Resource:  # type: ignore[override]
+    def getChild(self, path: bytes, request: Request) -> IResource:
         """Unknown path: not found."""
         return notFound()
 
@@ -75,7 +79,7 @@ def build_metrics_resource(registry: CollectorRegistry) -> Resource:
 
     :param registry: e.g. from ``metrics.build_master_registry``.
     """
-    root = _Root()
+    root = _Root()  # type: ignore[no-untyped-call]  # inherits Resource's unannotated __init__
     root.putChild(b"metrics", MetricsResource(registry))
     return root
 
@@ -88,7 +92,10 @@ def start_metrics_server(
     :returns: the listening port; ``stopListening()`` it when the master stops.
     :raises twisted.internet.error.CannotListenError: the address is taken or not local.
     """
-    return reactor.listenTCP(endpoint.port, build_metrics_site(registry), interface=endpoint.host)
+    # Twisted types listenTCP's factory as ServerFactory[_ProtoWithFactory] and Factory is
+    # invariant in its protocol, so no concrete HTTPFactory matches; the call is right at run time.
+    site = build_metrics_site(registry)
+    return reactor.listenTCP(endpoint.port, site, interface=endpoint.host)  # type: ignore[arg-type]
 
 
 def build_metrics_site(registry: CollectorRegistry) -> Site:
@@ -112,7 +119,7 @@ class MetricsService(Service):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: Any,  # IReactorSocket and IReactorTime at once: no single interface says both
         sock: socket.socket,
         registry: CollectorRegistry,
         queue_collector: QueueGaugeCollector | None = None,
@@ -126,7 +133,7 @@ class MetricsService(Service):
     @override
     def startService(self) -> None:
         """Start listening and counting."""
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         site = _QuietSite(build_metrics_resource(self._registry))
         site.noisy = False
         self.port = self._reactor.adoptStreamPort(self._sock.fileno(), self._sock.family, site)
@@ -135,9 +142,9 @@ class MetricsService(Service):
         self.log.info("serving metrics on {address}", address=self._sock.getsockname())
 
     @override
-    def stopService(self) -> Any:
+    def stopService(self) -> Deferred[None] | None:
         """Stop counting and close the adopted port (the master's socket stays open)."""
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         if self._queue_collector is not None:
             self._queue_collector.stop()
         port, self.port = self.port, None
@@ -145,7 +152,7 @@ class MetricsService(Service):
 
 
 def metrics_service_factory(
-    reactor: Any,
+    reactor: Any,  # IReactorSocket and IReactorTime, as MetricsService needs
     queue_directory: str | os.PathLike[str],
     interval_seconds: float = 5.0,
 ) -> Callable[[BoundSocket, str], IService]:
