@@ -41,7 +41,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -56,8 +56,15 @@ from twistedrelay.queue.ids import arrival_time_of, is_queue_id
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
+    from twisted.python.failure import Failure
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# How prometheus_client sums a gauge over processes ("" for counters and histograms).
+MultiprocessMode = Literal[
+    "", "all", "liveall", "min", "livemin", "max", "livemax", "sum", "livesum",
+    "mostrecent", "livemostrecent",
+]  # fmt: skip
 
 RESULTS = ("delivered", "deferred", "bounced")
 QUEUE_STATES = ("incoming", "active", "deferred", "hold")
@@ -87,7 +94,7 @@ class MetricSpec:
     kind: str
     help: str
     labels: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    multiprocess_mode: str = ""
+    multiprocess_mode: MultiprocessMode = ""
     buckets: tuple[float, ...] = ()
 
 
@@ -214,6 +221,8 @@ METRICS: tuple[MetricSpec, ...] = (
 MASTER_METRICS = (QUEUE_MESSAGES, QUEUE_OLDEST_AGE, QUEUE_COUNT_SECONDS)
 
 
+# Any: a Counter, Histogram or Gauge as spec.kind says at run time; each caller uses the
+# methods of the kind it asked for.
 def _build(spec: MetricSpec, registry: CollectorRegistry) -> Any:
     """Create the prometheus_client metric for ``spec`` in ``registry``."""
     labelnames = tuple(spec.labels)
@@ -225,7 +234,7 @@ def _build(spec: MetricSpec, registry: CollectorRegistry) -> Any:
     return Gauge(spec.name, spec.help, labelnames, registry=registry, multiprocess_mode=mode)
 
 
-def _bind(spec: MetricSpec, metric: Any) -> dict[str, Any]:
+def _bind(spec: MetricSpec, metric: Any) -> dict[str, Any]:  # Any: as _build's
     """Pre-bind the child of every value of a one-label metric, so each series starts at 0."""
     (values_,) = spec.labels.values()
     return {value: metric.labels(value) for value in values_}
@@ -504,7 +513,7 @@ class QueueGaugeCollector(Collector):
         self.interval_seconds = interval_seconds
         self.counts = QueueCounts(dict.fromkeys(QUEUE_STATES, 0), None, 0.0)
         self._reactor = reactor
-        self._loop: Any = None
+        self._loop: LoopingCall | None = None
         self._first: Deferred[None] | None = None
 
     def start(self) -> Deferred[None]:
@@ -524,7 +533,7 @@ class QueueGaugeCollector(Collector):
 
     def count_now(self) -> Deferred[None]:
         """Run one counting pass in a thread and cache its result; never fails."""
-        reactor: Any = self._reactor
+        reactor: Any = self._reactor  # also IReactorThreads (getThreadPool), as documented
         d: Deferred[QueueCounts] = deferToThreadPool(
             reactor, reactor.getThreadPool(), count_queue, self.queue_directory
         )
@@ -532,7 +541,7 @@ class QueueGaugeCollector(Collector):
         def store(counts: QueueCounts) -> None:
             self.counts = counts
 
-        def failed(failure: Any) -> None:
+        def failed(failure: Failure) -> None:
             self.log.failure("counting the queue failed", failure)
 
         def done(_: None) -> None:
