@@ -181,21 +181,27 @@ class _UDPExchange(protocol.DatagramProtocol):
     def __init__(self, query: dns.message.Message, server: tuple[str, int]) -> None:
         self.query = query
         self.server = server
-        self.response: defer.Deferred[dns.message.Message] = defer.Deferred()
+        self.response: defer.Deferred[dns.message.QueryMessage] = defer.Deferred()
 
     def startProtocol(self) -> None:  # noqa: N802 (Twisted override)
         """Connect (the kernel then drops datagrams from anyone else) and send the query."""
         assert self.transport is not None
         self.transport.connect(*self.server)
-        self.transport.write(self.query.to_wire())
+        self.transport.write(self.query.to_wire(), None)  # None: the connected address
 
-    def datagramReceived(self, datagram: bytes, addr: Any) -> None:  # noqa: N802
+    def datagramReceived(self, datagram: bytes, addr: tuple[str, int]) -> None:  # noqa: N802
         """Take the first datagram that answers our query; ignore anything else."""
         try:
             response = dns.message.from_wire(datagram)
         except dns.exception.DNSException:
             return
-        if self.query.is_response(response) and not self.response.called:
+        # is_response checks the opcode, so an answer to our QUERY always parses as a
+        # QueryMessage; the isinstance test only tells the type checker so.
+        if (
+            isinstance(response, dns.message.QueryMessage)
+            and self.query.is_response(response)
+            and not self.response.called
+        ):
             self.response.callback(response)
 
     def connectionRefused(self) -> None:  # noqa: N802
@@ -210,7 +216,7 @@ class _TCPExchange(protocol.Protocol):
     def __init__(self, query: dns.message.Message) -> None:
         self.query = query
         self.buffer = b""
-        self.response: defer.Deferred[dns.message.Message] = defer.Deferred()
+        self.response: defer.Deferred[dns.message.QueryMessage] = defer.Deferred()
 
     def connectionMade(self) -> None:
         """Send the length-prefixed query."""
@@ -233,7 +239,7 @@ class _TCPExchange(protocol.Protocol):
         except dns.exception.DNSException as e:
             self.response.errback(_AttemptError(f"malformed TCP response: {e}"))
             return
-        if self.query.is_response(response):
+        if isinstance(response, dns.message.QueryMessage) and self.query.is_response(response):
             self.response.callback(response)
         else:
             self.response.errback(_AttemptError("TCP response does not match the query"))
@@ -422,7 +428,7 @@ class Resolver:
         self._cache[key] = _Cached(self._clock() + ttl, records)
         return records
 
-    async def _ask(self, name: str, rdtype: dns.rdatatype.RdataType) -> dns.message.Message:
+    async def _ask(self, name: str, rdtype: dns.rdatatype.RdataType) -> dns.message.QueryMessage:
         """Query the nameservers in turn until one answers NOERROR or NXDOMAIN."""
         try:
             query = dns.message.make_query(name, rdtype)
@@ -448,11 +454,12 @@ class Resolver:
 
     async def _exchange_udp(
         self, query: dns.message.Message, server: tuple[str, int], timeout: float
-    ) -> dns.message.Message:
+    ) -> dns.message.QueryMessage:
         self.queries_sent += 1
         exchange = _UDPExchange(query, server)
         interface = "::" if ":" in server[0] else "0.0.0.0"
-        port = self._reactor.listenUDP(0, exchange, interface=interface)
+        # 8192 is Twisted's own default; the interface declares no defaults.
+        port = self._reactor.listenUDP(0, exchange, interface=interface, maxPacketSize=8192)
         try:
             return await self._within(exchange.response, timeout, f"{server[0]}:{server[1]}")
         finally:
@@ -460,7 +467,7 @@ class Resolver:
 
     async def _exchange_tcp(
         self, query: dns.message.Message, server: tuple[str, int], timeout: float
-    ) -> dns.message.Message:
+    ) -> dns.message.QueryMessage:
         host, port = server
         make = endpoints.TCP6ClientEndpoint if ":" in host else endpoints.TCP4ClientEndpoint
         endpoint = make(self._reactor, host, port, timeout=max(1, int(timeout)))
