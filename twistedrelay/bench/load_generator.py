@@ -20,7 +20,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import (
+    IAddress,
+    IConnector,
+    IDelayedCall,
+    ITCPTransport,
+    ITransport,
+)
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 from typing_extensions import override
@@ -93,7 +99,7 @@ class SendReport:
         """Accepted messages per second of the load phase."""
         return self.messages_accepted / self.elapsed_seconds if self.elapsed_seconds else 0.0
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> dict[str, Any]:  # Any: JSON values of several types
         """The report as a JSON-ready dict (latencies in milliseconds)."""
         return {
             "target": self.target,
@@ -130,7 +136,7 @@ class LoadGenerator:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: Any,  # IReactorTCP and IReactorTime at once
         options: SendOptions,
         builder: MessageBuilder | None = None,
         progress: Callable[[str], None] | None = None,
@@ -354,6 +360,10 @@ class _Transaction:
 
 class SenderProtocol(Protocol):
     """One sending connection: EHLO, then transactions until the generator has no more."""
+
+    # Set (to a TCP connection: the generator only calls connectTCP) before any method
+    # below runs, so not Optional as in Protocol.
+    transport: ITCPTransport
 
     def __init__(self, generator: LoadGenerator) -> None:
         self.generator = generator
@@ -607,11 +617,11 @@ class _SenderFactory(ClientFactory):
         self.generator = generator
 
     @override
-    def buildProtocol(self, addr: Any) -> SenderProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> SenderProtocol:
         return SenderProtocol(self.generator)
 
     @override
-    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
         self.generator.sender_failed_to_connect(reason)
 
 
@@ -620,6 +630,8 @@ class _SenderFactory(ClientFactory):
 
 class IdleProtocol(Protocol):
     """A connection that says EHLO, then only a NOOP now and then, until the run ends."""
+
+    transport: ITransport  # set before any method below runs, so not Optional as in Protocol
 
     def __init__(self, generator: LoadGenerator) -> None:
         self.generator = generator
@@ -683,9 +695,9 @@ class _IdleFactory(ClientFactory):
         self.generator = generator
 
     @override
-    def buildProtocol(self, addr: Any) -> IdleProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> IdleProtocol:
         return IdleProtocol(self.generator)
 
     @override
-    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
         self.generator.idle_failed()

@@ -101,7 +101,7 @@ def options_from_args(args: argparse.Namespace) -> tuple[SendOptions, MessageBui
     return options, builder
 
 
-def format_report(report: dict[str, Any]) -> str:
+def format_report(report: dict[str, Any]) -> str:  # Any: LoadGenerator JSON report
     """The report as a few human-readable lines."""
     latency = report["latency_ms"]
     lines = [

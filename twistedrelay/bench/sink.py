@@ -127,7 +127,7 @@ def config_from_args(args: argparse.Namespace) -> SinkConfig:
     )
 
 
-def write_stats_file(path: Path, report: dict[str, Any]) -> None:
+def write_stats_file(path: Path, report: dict[str, Any]) -> None:  # Any: JSON values
     """Replace ``path`` atomically with the JSON report, so a reader never sees half of it."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(report) + "\n")
@@ -156,7 +156,7 @@ def main(argv: list[str]) -> int:
     address = listening.getHost()
     print(f"bench sink: listening on {address.host}:{address.port}", file=sys.stderr, flush=True)
 
-    def report() -> dict[str, Any]:
+    def report() -> dict[str, Any]:  # Any: JSON values
         stats = factory.stats.as_dict(reactor.seconds())
         if args.stats_file is not None:
             write_stats_file(args.stats_file, stats)

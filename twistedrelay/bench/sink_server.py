@@ -27,14 +27,18 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from OpenSSL import SSL
 from twisted.internet import defer
 from twisted.internet.interfaces import (
+    IAddress,
     IDelayedCall,
     IOpenSSLServerConnectionCreator,
     IReactorTime,
+    ITLSTransport,
 )
 from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from typing_extensions import override
 from zope.interface import implementer
@@ -86,7 +90,7 @@ class SinkStats:
     last_message_at: float | None = None
     sequence: SequenceTracker | None = None
 
-    def as_dict(self, now: float) -> dict[str, Any]:
+    def as_dict(self, now: float) -> dict[str, Any]:  # Any: JSON values of several types
         """The counters as a JSON-ready dict, with rates over the time messages arrived."""
         span = (
             self.last_message_at - self.first_message_at
@@ -166,7 +170,7 @@ class SinkFactory(Factory):
         self.helo_reply = f"250 {config.hostname}\r\n".encode()
 
     @override
-    def buildProtocol(self, addr: Any) -> SinkProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> SinkProtocol:
         self.stats.connections_total += 1
         return SinkProtocol(self, self.stats.connections_total)
 
@@ -252,6 +256,10 @@ _STATE_DATA = 1
 
 class SinkProtocol(Protocol):
     """One SMTP session of the sink: splits pipelined commands, scans DATA, batches replies."""
+
+    # Set before any method below runs (so not Optional as in Protocol), to a TCP connection,
+    # which offers startTLS: the sink listens with listenTCP.
+    transport: ITLSTransport
 
     def __init__(self, factory: SinkFactory, number: int) -> None:
         self.factory = factory
@@ -622,6 +630,16 @@ class SinkProtocol(Protocol):
         self._run()
 
 
+# The private key types an OpenSSL context can serve with (pyOpenSSL's use_privatekey).
+_SIGNING_KEY_TYPES = (
+    dsa.DSAPrivateKey,
+    ec.EllipticCurvePrivateKey,
+    ed25519.Ed25519PrivateKey,
+    ed448.Ed448PrivateKey,
+    rsa.RSAPrivateKey,
+)
+
+
 @implementer(IOpenSSLServerConnectionCreator)
 class SinkTLS:
     """Server TLS for the sink's STARTTLS: one pyOpenSSL context, any client accepted."""
@@ -629,7 +647,7 @@ class SinkTLS:
     def __init__(self, context: SSL.Context) -> None:
         self.context = context
 
-    def serverConnectionForTLS(self, tls_protocol: Any) -> SSL.Connection:  # noqa: N802
+    def serverConnectionForTLS(self, tls_protocol: TLSMemoryBIOProtocol) -> SSL.Connection:  # noqa: N802
         """Twisted's IOpenSSLServerConnectionCreator: a connection on the context."""
         return SSL.Connection(self.context, None)
 
@@ -642,6 +660,8 @@ def load_tls_options(certificate_path: Path, key_path: Path) -> SinkTLS:
     """
     chain = x509.load_pem_x509_certificates(certificate_path.read_bytes())
     key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    if not isinstance(key, _SIGNING_KEY_TYPES):
+        raise TypeError("Unsupported key type")  # what pyOpenSSL's use_privatekey would raise
     context = SSL.Context(SSL.TLS_SERVER_METHOD)
     context.use_certificate(chain[0])
     for intermediate in chain[1:]:
