@@ -162,7 +162,19 @@ class RelayProcess:
 
     def log(self) -> str:
         """Everything twistd logged so far, plus what it wrote to stdout/stderr."""
-        text = self.log_path.read_text("utf-8", "replace") if self.log_path.exists() else ""
+        # twistd rotates its log file every 1 MB: twistd.log.N (the highest N is the oldest).
+        rotated = sorted(
+            (
+                p
+                for p in self.log_path.parent.glob(self.log_path.name + ".*")
+                if p.suffix[1:].isdigit()
+            ),
+            key=lambda path: -int(path.suffix[1:]),
+        )
+        parts = [path.read_text("utf-8", "replace") for path in rotated]
+        if self.log_path.exists():
+            parts.append(self.log_path.read_text("utf-8", "replace"))
+        text = "".join(parts)
         output = self.output_path.read_text("utf-8", "replace")
         return text + ("\n--- stdout/stderr ---\n" + output if output else "")
 
@@ -193,7 +205,11 @@ class RelayProcess:
         self.metrics_port = int(metrics.group(1)) if metrics else 0
         for slot in range(workers):
             remaining = max(0.1, deadline - time.monotonic())
-            self.wait_for_log(rf"worker {slot}: .*worker {slot} started", remaining)
+            # Text log: "worker N: … worker N started"; [log] format = "json": the master's
+            # re-emitted object carries "worker": N, "text": "worker N started".
+            text_form = rf"worker {slot}: .*worker {slot} started"
+            json_form = rf'"worker": {slot}, "text": "worker {slot} started"'
+            self.wait_for_log(f"{text_form}|{json_form}", remaining)
 
         def greets() -> bool:
             try:
