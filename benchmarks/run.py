@@ -379,7 +379,7 @@ def main(argv: list[str]) -> int:
     document["results"] = harness.results
     document["skipped"] = skipped + harness.skipped
     print(write_outputs(document, args.out), end="")
-    return 0 if not harness.skipped else 1
+    return 0 if not document["skipped"] else 1
 
 
 if __name__ == "__main__":
