@@ -37,7 +37,7 @@ import struct
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import dns.exception
 import dns.flags
@@ -46,6 +46,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 from twisted.internet import defer, error, protocol
+from twisted.internet.interfaces import IAddress, IListeningPort
 
 DEFAULT_TTL = 300
 MAX_CNAME_CHAIN = 8
@@ -59,19 +60,20 @@ class DNSTestServer:
     :param negative_ttl: the SOA minimum given with NXDOMAIN and empty answers.
     """
 
+    # Any: zone data as loaded from JSON (dicts, lists, strings and numbers).
     def __init__(self, records: Mapping[str, Any] | None = None, negative_ttl: int = 30) -> None:
         self.records: dict[str, Any] = {}
         self.negative_ttl = negative_ttl
         self.queries: list[tuple[str, str, str]] = []
         """(name, type, "udp" or "tcp") for every question received."""
         self.port = 0
-        self._listeners: list[Any] = []
+        self._listeners: list[IListeningPort] = []
         for name, value in (records or {}).items():
             self.records[_key(name)] = value
 
     # -- records -------------------------------------------------------------------------
 
-    def set_records(self, name: str, value: Any) -> None:
+    def set_records(self, name: str, value: Any) -> None:  # Any: zone data, as above
         """Replace everything about ``name`` (a record dict, "SERVFAIL" or "DROP")."""
         self.records[_key(name)] = value
 
@@ -123,23 +125,25 @@ class DNSTestServer:
         response.authority.append(self._soa(name))
         return response
 
-    def _rrset(self, name: str, rtype: str, values: Any, node: Mapping[str, Any]) -> Any:
+    def _rrset(  # Any: zone data, as above
+        self, name: str, rtype: str, values: Any, node: Mapping[str, Any]
+    ) -> dns.rrset.RRset:
         ttl = int(node.get("ttl", DEFAULT_TTL))
         texts = [_rdata_text(rtype, value) for value in values]
         return dns.rrset.from_text_list(name + ".", ttl, "IN", rtype, texts)
 
-    def _soa(self, name: str) -> Any:
+    def _soa(self, name: str) -> dns.rrset.RRset:
         apex = name.rsplit(".", 1)[-1] + "."
         soa = f"ns.{apex} hostmaster.{apex} 1 3600 600 86400 {self.negative_ttl}"
         return dns.rrset.from_text(apex, self.negative_ttl, "IN", "SOA", soa)
 
     # -- serving (Twisted) ---------------------------------------------------------------
 
-    def start(self, reactor: Any, interface: str = "127.0.0.1") -> int:
+    def start(self, reactor: Any, interface: str = "127.0.0.1") -> int:  # Any: UDP and TCP
         """Listen on UDP and TCP on one kernel-chosen port of ``interface``; return the port."""
         for _ in range(20):
             udp = reactor.listenUDP(0, _UDPServer(self), interface=interface)
-            port = udp.getHost().port
+            port: int = udp.getHost().port
             try:
                 tcp = reactor.listenTCP(port, _TCPServerFactory(self), interface=interface)
             except error.CannotListenError:
@@ -150,11 +154,13 @@ class DNSTestServer:
             return port
         raise RuntimeError("no port free for both UDP and TCP")
 
-    def stop(self) -> defer.Deferred[Any]:
+    def stop(self) -> defer.Deferred[list[None]]:
         """Stop listening."""
         listeners, self._listeners = self._listeners, []
+        # maybeDeferred flattens the Deferred stopListening may return; its overloads cannot
+        # say so for a "Deferred[None] | None" result.
         return defer.gatherResults(
-            [defer.maybeDeferred(listener.stopListening) for listener in listeners]
+            [cast("defer.Deferred[None]", defer.maybeDeferred(p.stopListening)) for p in listeners]
         )
 
 
@@ -162,7 +168,7 @@ class _UDPServer(protocol.DatagramProtocol):
     def __init__(self, server: DNSTestServer) -> None:
         self.server = server
 
-    def datagramReceived(self, datagram: bytes, addr: Any) -> None:  # noqa: N802
+    def datagramReceived(self, datagram: bytes, addr: tuple[str, int]) -> None:  # noqa: N802
         try:
             query = dns.message.from_wire(datagram)
         except dns.exception.DNSException:
@@ -201,7 +207,7 @@ class _TCPServerFactory(protocol.Factory):
     def __init__(self, server: DNSTestServer) -> None:
         self.server = server
 
-    def buildProtocol(self, addr: Any) -> _TCPServer:
+    def buildProtocol(self, addr: IAddress | None) -> _TCPServer:
         return _TCPServer(self.server)
 
 
@@ -209,7 +215,7 @@ def _key(name: str) -> str:
     return name.lower().rstrip(".") or "."
 
 
-def _rdata_text(rtype: str, value: Any) -> str:
+def _rdata_text(rtype: str, value: Any) -> str:  # Any: one zone-data value
     if rtype == "MX":
         preference, exchange = value
         return (
@@ -239,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     port = server.start(reactor, args.interface)
     sys.stdout.write(f"{port}\n")
     sys.stdout.flush()
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from twisted.logger import LogEvent, Logger
+from twisted.logger import ILogObserver, LogEvent, Logger
 
 from twistedrelay.auth import Authenticator, LoginThrottle, UsersFile
 from twistedrelay.config import Config, Endpoint, parse_config
@@ -40,9 +40,9 @@ class InboundHarness:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: Any,  # the running reactor: TCP, time and its thread pool at once
         directory: Path,
-        settings: dict[str, Any] | None = None,
+        settings: dict[str, Any] | None = None,  # Any: TOML values of several types
         hooks: HookRunner | None = None,
         on_queued: Callable[[str], None] | None = None,
         listeners: Sequence[str] = ("smtp",),
@@ -58,6 +58,8 @@ class InboundHarness:
         self.reactor = reactor
         self.store = QueueStore(str(queue_dir), reactor)
         self.log_events: list[LogEvent] = []
+        # A plain callable serves as an observer: Logger only calls it with each event.
+        capture = cast(ILogObserver, self.log_events.append)
         self.queued: list[str] = []
         self.metrics = RelayMetrics()
 
@@ -79,7 +81,7 @@ class InboundHarness:
             store=self.store,
             policy=RelayPolicy(config.relay.mynetworks, config.relay.domains),
             hooks=hooks if hooks is not None else load_plugins(config.plugins, reactor),
-            maillog=MailLog(Logger(namespace="twistedrelay.mail", observer=self.log_events.append)),
+            maillog=MailLog(Logger(namespace="twistedrelay.mail", observer=capture)),
             metrics=self.metrics,
             on_queued=queued,
             server_tls=server_tls,

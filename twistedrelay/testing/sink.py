@@ -29,7 +29,8 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IDelayedCall, IListeningPort
 
 from twistedrelay.bench.behaviour import (
     REJECT_MESSAGE,
@@ -82,7 +83,7 @@ class SinkServer:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: Any,  # IReactorTCP and IReactorTime at once
         *,
         script: Script | None = None,
         faults: Faults | None = None,
@@ -106,7 +107,7 @@ class SinkServer:
         self.factory = SinkFactory(reactor, config)
         self.factory.message_listeners.append(self._message_arrived)
         self._port: IListeningPort | None = None
-        self._waiters: list[tuple[int, defer.Deferred[list[ReceivedMessage]], Any]] = []
+        self._waiters: list[tuple[int, defer.Deferred[list[ReceivedMessage]], IDelayedCall]] = []
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -133,7 +134,9 @@ class SinkServer:
         """The port the sink listens on."""
         if self._port is None:
             raise RuntimeError("the sink is not listening")
-        return int(self._port.getHost().port)
+        address = self._port.getHost()
+        assert isinstance(address, (IPv4Address, IPv6Address))  # a TCP port's
+        return address.port
 
     # -- scripting -------------------------------------------------------------------------
 
