@@ -66,6 +66,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def syscalls(pid: int) -> tuple[int, int]:
+    """(read-like, write-like) system calls a process made so far (/proc/PID/io)."""
+    fields = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    return int(fields["syscr"]), int(fields["syscw"])
+
+
 def peak_rss_mb(pid: int) -> float:
     """The process's peak resident set size (VmHWM) in MB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -147,6 +153,7 @@ def main() -> int:
         workers = children(relay.pid)
         pids = [relay.pid, *workers]
         cpu_before = {pid: cpu_seconds(pid) for pid in pids}
+        io_before = {pid: syscalls(pid) for pid in pids}
         if args.py_spy is not None:
             args.py_spy.mkdir(parents=True, exist_ok=True)
             for pid in pids:
@@ -213,6 +220,10 @@ def main() -> int:
         for spy in spies:
             spy.wait(30)
         cpu = {pid: round(cpu_seconds(pid) - cpu_before[pid], 2) for pid in pids}
+        io = {
+            pid: [round((a - b) / args.messages, 1) for a, b in zip(syscalls(pid), io_before[pid])]
+            for pid in pids
+        }
         log_text = (work / "twistd.log").read_text("utf-8", "replace")
         report = {
             "workers": args.workers,
@@ -227,6 +238,10 @@ def main() -> int:
             "sink_connections": final.get("connections_total"),
             "cpu_seconds": {"master": cpu[relay.pid], "workers": [cpu[p] for p in workers]},
             "cpu_ms_per_message": round(1000 * sum(cpu.values()) / args.messages, 2),
+            "reads_writes_per_message": {
+                "master": io[relay.pid],
+                "workers": [io[p] for p in workers],
+            },
             "peak_rss_mb": [round(peak_rss_mb(p), 1) for p in pids],
             "tracebacks": len(re.findall("Traceback", log_text)),
         }
