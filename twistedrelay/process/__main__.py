@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         master = MasterService(config, args.config, reactor, payload=args.payload)
-        master.privilegedStartService()
+        master.privilegedStartService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         master.startService()
     except ConfigError as e:
         print(f"twistedrelay: cannot start: {e}", file=sys.stderr)

@@ -35,6 +35,7 @@ from typing import Any, Protocol
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer, error
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -234,12 +235,12 @@ class WorkerSupervisor(Service):
         self._uid, self._gid = worker_identity(config)
         self.workers: dict[int, WorkerProcessProtocol] = {}
         self._delays: dict[int, float | None] = {}
-        self._pending: dict[int, Any] = {}  # slot -> IDelayedCall of its restart
+        self._pending: dict[int, IDelayedCall] = {}  # slot -> the call that restarts it
         self._stopping = False
 
     @override
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         self._stopping = False
         for slot in range(self.config.worker_count):
             self._delays[slot] = None
@@ -247,7 +248,7 @@ class WorkerSupervisor(Service):
 
     @override
     def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         return defer.ensureDeferred(self.stop_workers())
 
     def spawn(self, slot: int) -> WorkerProcessProtocol:
@@ -398,7 +399,7 @@ class MasterService(MultiService):
         metrics_service: MetricsServiceFactory | None = None,
         metrics_directory: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         self.config = config
         self.config_path = config_path
         self._reactor = reactor
@@ -412,7 +413,7 @@ class MasterService(MultiService):
         self.listeners = ListeningSockets(
             config, include_metrics=metrics_service is not None, copies=config.worker_count
         )
-        self.listeners.setServiceParent(self)
+        self.listeners.setServiceParent(self)  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         self.supervisor: WorkerSupervisor | None = None
         self._previous_handlers: dict[int, Any] = {}  # Any: what signal.signal returns
 
@@ -420,7 +421,7 @@ class MasterService(MultiService):
     def startService(self) -> None:
         self.listeners.bind_all()  # already bound if privilegedStartService ran
         self.prepare()
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         self._previous_handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._sighup)
         # After startup, because the reactor installs its own SIGTERM handler then.
         self._reactor.callWhenRunning(self._install_sigterm_handler)
@@ -430,7 +431,8 @@ class MasterService(MultiService):
         for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler)
         self._previous_handlers.clear()
-        return super().stopService()  # type: ignore[no-any-return]
+        # MultiService is unannotated: its stopService returns a Deferred[None], typed Any.
+        return super().stopService()  # type: ignore[no-untyped-call,no-any-return]
 
     def _install_sigterm_handler(self) -> None:
         """Stop on SIGTERM like the reactor does, but so that the process then exits 0.
@@ -476,7 +478,7 @@ class MasterService(MultiService):
             environment,
             str(metrics_directory),
         )
-        self.supervisor.setServiceParent(self)
+        self.supervisor.setServiceParent(self)  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         metrics_socket = self.listeners.metrics_socket()
         if self._metrics_service is not None and metrics_socket is not None:
             self._metrics_service(metrics_socket, str(metrics_directory)).setServiceParent(self)

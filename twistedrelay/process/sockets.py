@@ -160,7 +160,7 @@ class ListeningSockets(Service):
 
     @override
     def privilegedStartService(self) -> None:
-        super().privilegedStartService()
+        super().privilegedStartService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         try:
             self.bind_all()
         except ListenError as e:
@@ -170,7 +170,7 @@ class ListeningSockets(Service):
 
     @override
     def stopService(self) -> None:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         self.close_all()
 
     def bind_all(self) -> None:
