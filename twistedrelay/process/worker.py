@@ -50,15 +50,14 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, Protocol, TextIO, runtime_checkable
+from typing import Any, Protocol, TextIO, cast, runtime_checkable
 
 from twisted.application.service import IService
 from twisted.internet import defer, process
-from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorSocket
 from twisted.logger import ILogObserver, LogEvent, Logger, eventAsText, globalLogBeginner
 from twisted.python.failure import Failure
 from twisted.python.threadable import isInIOThread
@@ -86,14 +85,15 @@ class InheritedSocket:
     fd: int
     family: socket.AddressFamily
 
-    def adopt(self, reactor: Any, factory: Factory) -> IListeningPort:
+    def adopt(self, reactor: IReactorSocket, factory: IProtocolFactory) -> IListeningPort:
         """Start accepting on this socket with ``factory`` (``reactor.adoptStreamPort``).
 
         The reactor works on a duplicate of the descriptor; stopping the returned port stops
         this worker accepting, not the others.
         """
-        port: IListeningPort = reactor.adoptStreamPort(self.fd, self.family, factory)
-        return port
+        # Twisted annotates the factory as a ServerFactory, narrower than its documented
+        # IProtocolFactory; TLSMemoryBIOFactory, for one, is a plain Factory.
+        return reactor.adoptStreamPort(self.fd, self.family, factory)  # type: ignore[arg-type]
 
 
 class WorkerPayload(Protocol):
@@ -299,7 +299,7 @@ def line_observer(stream: TextIO | ReactorFlushedStream) -> ILogObserver:
             stream.write(text if text.endswith("\n") else text + "\n")
             stream.flush()
 
-    return observe
+    return cast(ILogObserver, observe)  # provider() is unannotated, so observe is typed Any
 
 
 class _ControlReader:
@@ -458,7 +458,9 @@ def _start(reactor: Any, worker: WorkerProcess, failures: list[Failure]) -> None
         reactor.stop()
 
 
-def _reload_on_signal(reactor: Any, worker: WorkerProcess) -> Any:
+def _reload_on_signal(
+    reactor: Any, worker: WorkerProcess
+) -> Callable[[int, FrameType | None], None]:
     def handle(signum: int, frame: FrameType | None) -> None:
         # A signal handler may run between any two bytecodes: hop to the reactor's loop.
         reactor.callFromThread(worker.reload)

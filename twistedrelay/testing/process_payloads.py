@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import IService, Service
 from twisted.internet import defer
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, ITransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from typing_extensions import override
@@ -35,11 +35,22 @@ def banner(hostname: str, slot: int) -> bytes:
 
 
 class _BannerProtocol(Protocol):
+    # Both set before connectionMade, so not Optional as in Protocol.
+    factory: _BannerFactory
+    transport: ITransport
+
     @override
     def connectionMade(self) -> None:
-        service: BannerService = self.factory.service  # type: ignore[attr-defined]
-        self.transport.write(banner(service.config.hostname, service.slot))  # type: ignore[union-attr]
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        service = self.factory.service
+        self.transport.write(banner(service.config.hostname, service.slot))
+        self.transport.loseConnection()
+
+
+class _BannerFactory(Factory["_BannerProtocol"]):
+    protocol = _BannerProtocol
+
+    def __init__(self, service: BannerService) -> None:
+        self.service = service
 
 
 class BannerService(Service):
@@ -49,7 +60,7 @@ class BannerService(Service):
         self,
         config: Config,
         slot: int,
-        reactor: Any,
+        reactor: Any,  # what InheritedSocket.adopt takes (IReactorSocket)
         sockets: Mapping[str, Sequence[InheritedSocket]],
     ) -> None:
         self.config = config
@@ -60,18 +71,21 @@ class BannerService(Service):
 
     @override
     def startService(self) -> None:
-        super().startService()
-        factory = Factory.forProtocol(_BannerProtocol)
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
+        factory = _BannerFactory(self)
         factory.noisy = False
-        factory.service = self  # type: ignore[attr-defined]
         for inherited in (s for group in self._sockets.values() for s in group):
             self._ports.append(inherited.adopt(self._reactor, factory))
 
     @override
-    def stopService(self) -> defer.Deferred[object]:
-        super().stopService()
+    def stopService(self) -> defer.Deferred[list[None]]:
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         ports, self._ports = self._ports, []
-        return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
+        # maybeDeferred flattens the Deferred stopListening may return; its overloads cannot
+        # say so for a "Deferred[None] | None" result.
+        return defer.gatherResults(
+            [cast("defer.Deferred[None]", defer.maybeDeferred(p.stopListening)) for p in ports]
+        )
 
     def reload_config(self, config: Config) -> None:
         """Take the new hostname into later banners."""
@@ -83,7 +97,7 @@ class StubbornService(BannerService):
     """A banner service whose drain never finishes, to test the worker's bound on it."""
 
     @override
-    def stopService(self) -> defer.Deferred[object]:
+    def stopService(self) -> defer.Deferred[list[None]]:
         super().stopService()
         return defer.Deferred()
 
@@ -92,9 +106,13 @@ class BlockingService(BannerService):
     """A banner service that blocks its reactor when asked to stop, as a wedged worker would."""
 
     @override
-    def stopService(self) -> defer.Deferred[object]:
+    def stopService(self) -> defer.Deferred[list[None]]:
         time.sleep(BLOCK_SECONDS)
         return super().stopService()
+
+
+# The payloads take reactor as Any, as the WorkerPayload contract does (the worker's global
+# reactor provides several reactor interfaces at once).
 
 
 def pid_banner_payload(
