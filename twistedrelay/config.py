@@ -62,6 +62,8 @@ def parse_endpoint(text: str) -> Endpoint:
 
 # -- field converters: (value, key) -> converted value, raising ValueError -------------
 
+# Any, here and in the converters below: a raw value parsed from TOML, of whatever type the
+# file held; checking it is each converter's job.
 Converter = Callable[[Any], Any]
 
 
@@ -299,7 +301,7 @@ class PluginsConfig:
     """[plugins]: enabled hook plugins, in order, and each one's own settings table."""
 
     enabled: tuple[str, ...] = ()
-    settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # Any: TOML values
     hook_timeout: float = 30.0
 
 
@@ -341,6 +343,7 @@ _TABLES: dict[str, type] = {
 }
 
 
+# Any: a raw TOML table in, an instance of ``cls`` (one of the *Config dataclasses) out.
 def _build_table(cls: type, data: Any, name: str, source: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(source, name, f"expected a table, got {data!r}")

@@ -67,7 +67,7 @@ class Envelope:
     def to_json(self) -> bytes:
         """Encode as one line of UTF-8 JSON (no raw newlines)."""
         # Built by hand: dataclasses.asdict deep-copies and costs ~0.1 ms per message.
-        data: dict[str, Any] = {f: getattr(self, f) for f in _ENVELOPE_FIELDS}
+        data: dict[str, Any] = {f: getattr(self, f) for f in _ENVELOPE_FIELDS}  # JSON values
         data["recipients"] = [{"address": r.address, "params": r.params} for r in self.recipients]
         data["version"] = ENVELOPE_FORMAT_VERSION
         return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
@@ -164,7 +164,7 @@ class EntryStatus:
 
     def to_json(self) -> bytes:
         """Encode as one line of UTF-8 JSON."""
-        data: dict[str, Any] = asdict(self)
+        data: dict[str, Any] = asdict(self)  # Any: JSON values of several types
         data["version"] = STATUS_FORMAT_VERSION
         return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
