@@ -27,7 +27,7 @@ from twisted.internet.interfaces import (
     ITCPTransport,
     ITransport,
 )
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from typing_extensions import override
 
@@ -410,7 +410,7 @@ class SenderProtocol(Protocol):
         self._buffer = buf[pos:]
 
     @override
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._wait is not None and self._wait.active():
             self._wait.cancel()
             self.report.messages_failed += 1
@@ -681,7 +681,7 @@ class IdleProtocol(Protocol):
         self.transport.loseConnection()
 
     @override
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._noop is not None and self._noop.active():
             self._noop.cancel()
         if self._ready:

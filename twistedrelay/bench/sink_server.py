@@ -37,7 +37,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
     ITLSTransport,
 )
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from typing_extensions import override
@@ -317,7 +317,7 @@ class SinkProtocol(Protocol):
             self._run()
 
     @override
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closed = True
         if self._delayed is not None and self._delayed.active():
             self._delayed.cancel()

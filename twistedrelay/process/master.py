@@ -138,7 +138,8 @@ class WorkerProcessProtocol(ProcessProtocol):
 
     @override
     def connectionMade(self) -> None:
-        self.pid = self.transport.pid  # type: ignore[union-attr]
+        assert self.transport is not None  # makeConnection set it
+        self.pid = self.transport.pid
 
     @override
     def childDataReceived(self, childFD: int, data: bytes) -> None:  # noqa: N803

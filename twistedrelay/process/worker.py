@@ -263,7 +263,7 @@ class ReactorFlushedStream:
         if self._scheduled:
             return
         self._scheduled = True
-        if isInIOThread():  # type: ignore[no-untyped-call]
+        if isInIOThread():  # type: ignore[no-untyped-call]  # twisted.python.threadable is unannotated
             reactor.callLater(0, self._flush_now)
         else:  # a pool thread logged: hop to the reactor, which owns the flushing
             reactor.callFromThread(self._flush_now)
@@ -418,6 +418,7 @@ def main(argv: Sequence[str] | None = None, reactor: Any = None) -> int:
     stdout = ReactorFlushedStream(sys.stdout)
     if config is not None and config.log.format == "json":
         # One JSON object per line; the master re-emits it with its fields (eventlog.py).
+        # json_lines_observer is typed for a TextIO; the stream has the write/flush it uses.
         observer = json_lines_observer(stdout)  # type: ignore[arg-type]
     else:
         observer = line_observer(stdout)
