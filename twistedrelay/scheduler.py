@@ -135,6 +135,17 @@ class Scheduler(Generic[Payload]):
             self._destinations[name] = state
         return state
 
+    def set_concurrency_limit(self, limit: int) -> None:
+        """Apply a new per-destination limit (config reload); wider windows shrink at once.
+
+        Jobs already started above a lowered limit finish; no new one starts until the
+        destination is back under it.
+        """
+        self.concurrency_limit = max(1, limit)
+        self.initial_concurrency = min(self.initial_concurrency, self.concurrency_limit)
+        for state in self._destinations.values():
+            state.window = min(state.window, self.concurrency_limit)
+
     def is_dead(self, destination: str, now: float) -> bool:
         """True while the destination backs off after connection failures."""
         state = self._destinations.get(destination)

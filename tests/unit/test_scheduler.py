@@ -100,3 +100,14 @@ def test_forget_idle_keeps_dead_destinations() -> None:
     scheduler.forget_idle()
     assert scheduler.is_dead("down.example", now=1)
     assert scheduler.window("ok.example") == scheduler.initial_concurrency
+
+
+def test_lowered_limit_shrinks_windows_at_once() -> None:
+    """A config reload that lowers the limit stops new starts above it immediately."""
+    scheduler: Scheduler[None] = Scheduler(concurrency_limit=4, initial_concurrency=4)
+    for i in range(6):
+        scheduler.add(job(f"q{i}", "d.example"), now=0)
+    assert len(scheduler.select(now=0)) == 4
+    scheduler.set_concurrency_limit(2)
+    assert scheduler.window("d.example") == 2
+    assert scheduler.select(now=0) == []

@@ -161,6 +161,12 @@ class DeliveryService(Service):
         self.config = config
         self.routes = RouteTable(config.delivery.routes)
         self.client_tls = ClientTLS(config.delivery.ca_file, config.source)
+        self.scheduler.set_concurrency_limit(concurrency_share(config))
+        # New pools pick up the new timeouts, reuse limit and TLS policy; connections busy
+        # in the old ones finish their transaction and then close when idle.
+        for pool in self.pools.values():
+            pool.close()
+        self.pools.clear()
 
     # -- claiming -------------------------------------------------------------------------
 
@@ -511,6 +517,11 @@ class _BackingOff:
     detail: str = "destination is backing off after connection failures"
 
 
+def concurrency_share(config: Config) -> int:
+    """One worker's share of ``destination_concurrency`` (the limit is relay-wide)."""
+    return max(1, config.delivery.destination_concurrency // config.worker_count)
+
+
 def build_delivery_service(
     config: Config,
     slot: int,
@@ -531,7 +542,7 @@ def build_delivery_service(
         [(ns.host, ns.port) for ns in config.dns.nameservers],
         timeout_seconds=config.dns.timeout,
     )
-    share = max(1, config.delivery.destination_concurrency // config.worker_count)
+    share = concurrency_share(config)
     return DeliveryService(
         config, f"w{slot}", reactor, store, resolver, metrics, maillog, hooks, share
     )
