@@ -42,7 +42,7 @@ import email.utils
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twistedrelay.hooks import (
     DataContext,
@@ -51,6 +51,9 @@ from twistedrelay.hooks import (
     SettingsError,
     check_settings,
 )
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 ALGORITHMS = ("rsa-sha256", "ed25519-sha256")
 _DOMAIN_KEYS = {"selector", "private_key", "algorithm"}
@@ -67,7 +70,7 @@ class SigningKey:
     algorithm: str
 
 
-def _require_dkim() -> Any:
+def _require_dkim() -> Any:  # Any: the dkim module, imported only when needed
     try:
         import dkim
     except ImportError:
@@ -75,7 +78,7 @@ def _require_dkim() -> Any:
     return dkim
 
 
-def _string(key: str, value: Any) -> str:
+def _string(key: str, value: Any) -> str:  # Any: a raw TOML value
     if not isinstance(value, str) or not value:
         raise SettingsError(key, f"expected a non-empty string, got {value!r}")
     return value
@@ -117,7 +120,7 @@ def _normalise_key(data: bytes, algorithm: str) -> bytes:
     return data
 
 
-def _load_pem(data: bytes) -> Any:
+def _load_pem(data: bytes) -> PrivateKeyTypes:
     try:
         from cryptography.hazmat.primitives.serialization import load_pem_private_key
     except ImportError:
@@ -129,7 +132,7 @@ def _pkcs8_to_pkcs1(data: bytes) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
     key = _load_pem(data)
-    return key.private_bytes(  # type: ignore[no-any-return]
+    return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.TraditionalOpenSSL,
         serialization.NoEncryption(),
@@ -147,7 +150,7 @@ def _pem_to_ed25519_seed(data: bytes) -> bytes:
     return base64.b64encode(raw)
 
 
-def _domain(key: str, value: Any) -> str:
+def _domain(key: str, value: Any) -> str:  # Any: a raw TOML value
     domain = _string(key, value).lower().rstrip(".")
     # d= is ASCII (RFC 6376 §3.5); internationalised domains are given as A-labels.
     if not domain.isascii() or "." not in domain or " " in domain:
@@ -155,7 +158,7 @@ def _domain(key: str, value: Any) -> str:
     return domain
 
 
-def _algorithm(key: str, value: Any) -> str:
+def _algorithm(key: str, value: Any) -> str:  # Any: a raw TOML value
     if value not in ALGORITHMS:
         raise SettingsError(key, f"expected one of {', '.join(ALGORITHMS)}, got {value!r}")
     return str(value)
@@ -282,7 +285,7 @@ def sign(message: bytes, key: SigningKey, headers: list[bytes] | None) -> str:
     :raises dkim.DKIMException: the message cannot be signed (e.g. malformed headers).
     """
     dkim = _require_dkim()
-    field = dkim.sign(
+    field: bytes = dkim.sign(
         message,
         key.selector.encode("ascii"),
         key.domain.encode("ascii"),

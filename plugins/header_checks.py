@@ -75,7 +75,7 @@ def parse_reply(text: str) -> Reply:
     return Reply(int(code), enhanced, words or "Message content rejected")
 
 
-def _parse_rule(number: int, raw: Any) -> Rule:
+def _parse_rule(number: int, raw: Any) -> Rule:  # Any: a raw TOML value
     key = f"rules[{number}]"
     if not isinstance(raw, Mapping):
         raise SettingsError(key, f"expected a table, got {raw!r}")

@@ -74,13 +74,13 @@ class Limit:
     window_seconds: float
 
 
-def _positive_int(key: str, value: Any) -> int:
+def _positive_int(key: str, value: Any) -> int:  # Any: a raw TOML value
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise SettingsError(key, f"expected a positive integer, got {value!r}")
     return value
 
 
-def _parse_limit(scope: str, raw: Any) -> Limit:
+def _parse_limit(scope: str, raw: Any) -> Limit:  # Any: a raw TOML value
     if not isinstance(raw, Mapping):
         raise SettingsError(scope, f"expected a table, got {raw!r}")
     try:
@@ -201,6 +201,8 @@ class RateLimit:
         self.name = name
         self.limits = tuple(limits)
         self.store = store
+        # A hook attribute that is not callable is no hook (hooks.load_plugins): the runner
+        # then skips the call altogether; mypy sees a method replaced by None.
         if not any(limit.messages for limit in limits):
             self.hook_mail = None  # type: ignore[assignment]
         if not any(limit.recipients for limit in limits):
