@@ -115,6 +115,7 @@ ENCRYPTION_REQUIRED_FOR_AUTH = Reply(
 )
 AUTH_MECHANISM_UNKNOWN = Reply(504, "5.5.4", "Unrecognized authentication type")
 AUTH_CANCELLED = Reply(501, "5.7.0", "Authentication cancelled")
+AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Error: cannot decode AUTH response")  # RFC 4954 §4
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Error: message file too big")
 RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
 SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address rejected: not owned by user")

@@ -28,14 +28,7 @@ from twisted.python.failure import Failure
 from typing_extensions import override
 from zope.interface import implementer
 
-from twistedrelay.auth import (
-    Authenticator,
-    Credentials,
-    LoginThrottle,
-    SASLError,
-    SASLExchange,
-    UsersFileError,
-)
+from twistedrelay.auth import Authenticator, LoginThrottle, UsersFileError
 from twistedrelay.config import Config
 from twistedrelay.delivery.headers import build_drop_rules
 from twistedrelay.eventlog import MailLog
@@ -60,6 +53,7 @@ from twistedrelay.queue.store import IncomingMessage, QueueStore, QueueWriteErro
 from twistedrelay.smtp import replies
 from twistedrelay.smtp.addresses import domain_of
 from twistedrelay.smtp.replies import Reply
+from twistedrelay.smtp.sasl import Credentials, SASLError, SASLExchange
 from twistedrelay.smtp.server_session import (
     Auth,
     AuthContinuation,
