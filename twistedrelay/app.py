@@ -76,7 +76,7 @@ class WorkerService(MultiService):
     """
 
     def __init__(self, parts: InboundParts, delivery: DeliveryService) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         self.parts = parts
         self.delivery = delivery
 
@@ -131,7 +131,8 @@ def build_worker_service(
     )
     service = WorkerService(parts, delivery)
     # Inbound stops first (stop accepting, drain sessions), then delivery requeues its work.
-    delivery.setServiceParent(service)
+    delivery.setServiceParent(service)  # type: ignore[no-untyped-call]  # unannotated Twisted
     drain = min(10.0, config.workers.shutdown_timeout / 2)
-    InboundService(parts, sockets=sockets, drain_seconds=drain).setServiceParent(service)
+    inbound = InboundService(parts, sockets=sockets, drain_seconds=drain)
+    inbound.setServiceParent(service)  # type: ignore[no-untyped-call]  # unannotated Twisted
     return service

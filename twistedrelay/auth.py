@@ -267,7 +267,9 @@ class UsersFileChecker:
         self._reactor = reactor
         self._threadpool = threadpool
 
-    def requestAvatarId(self, credentials: credentials.IUsernamePassword) -> defer.Deferred[str]:
+    def requestAvatarId(  # type: ignore[override]  # our avatar IDs are str user names
+        self, credentials: credentials.IUsernamePassword
+    ) -> defer.Deferred[str]:
         """Check the credentials; fire with the user name or fail with UnauthorizedLogin.
 
         A broken users file fails with :class:`UsersFileError` instead (a temporary failure).
@@ -294,7 +296,7 @@ def _text(value: str | bytes) -> str:
 class UserRealm:
     """The realm of submission users: the avatar is the user name itself."""
 
-    def requestAvatar(
+    def requestAvatar(  # type: ignore[override]  # avatar IDs are str (UsersFileChecker)
         self, avatar_id: str, mind: object, *interfaces: type
     ) -> tuple[type, str, object]:
         """Return the user name as the avatar for :class:`IAuthenticatedUser`."""
@@ -329,7 +331,11 @@ class Authenticator:
             None,
             IAuthenticatedUser,
         )
-        return login.addCallback(lambda result: result[1])
+
+        def user_name(result: tuple[object, object, object]) -> str:
+            return str(result[1])
+
+        return login.addCallback(user_name)
 
     def may_send_as(self, username: str, sender: str) -> bool:
         """Whether an authenticated user owns ``sender`` (see :meth:`User.may_send_as`).

@@ -296,7 +296,7 @@ def format_json_line(event: MutableMapping[str, Any]) -> str | None:
         record.update(event.get("mail_fields", {}))
     if "worker" in event:
         record["worker"] = event["worker"]
-    record["text"] = formatEvent(event)
+    record["text"] = formatEvent(dict(event))
     failure = event.get("log_failure")
     if failure is not None:
         record["traceback"] = failure.getTraceback()
@@ -356,7 +356,7 @@ def twistd_json_observer() -> ILogObserver:
         return json_lines_observer(sys.stdout)
     from twisted.python.logfile import LogFile
 
-    return json_lines_observer(LogFile.fromFullPath(path))  # type: ignore[arg-type]
+    return json_lines_observer(LogFile.fromFullPath(path))
 
 
 def configure_twistd_logger(server_options: MutableMapping[str, Any], log_format: str) -> None:

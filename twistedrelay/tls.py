@@ -19,10 +19,14 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import interfaces, ssl
+
+# IOpenSSLTrustRoot is what ssl.platformTrust() returns; Twisted exports it only here.
+from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
@@ -35,6 +39,16 @@ SERVER_CIPHERS_TLS12 = b"ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
 # Options for every server context: no compression (CRIME), no renegotiation (client-
 # initiated renegotiation is a cheap CPU attack), and our cipher order, not the client's.
 _SERVER_OPTIONS = SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_CIPHER_SERVER_PREFERENCE
+
+
+# The private key types OpenSSL can sign a handshake with.
+_SIGNING_KEY_TYPES = (
+    dsa.DSAPrivateKey,
+    ec.EllipticCurvePrivateKey,
+    ed25519.Ed25519PrivateKey,
+    ed448.Ed448PrivateKey,
+    rsa.RSAPrivateKey,
+)
 
 
 @implementer(interfaces.IOpenSSLServerConnectionCreator)
@@ -89,6 +103,10 @@ class ServerTLS:
             raise ConfigError(
                 self.source, "tls.certificate", f"{self.certificate}: {_ssl_reason(e)}"
             ) from None
+        if not isinstance(key, _SIGNING_KEY_TYPES):
+            raise ConfigError(
+                self.source, "tls.private_key", f"{self.private_key}: unsupported key type"
+            )
         try:
             context.use_privatekey(key)
             context.check_privatekey()
@@ -285,9 +303,10 @@ class ClientTLS:
         raise ValueError(f"unknown TLS level {level!r}")
 
 
-def _load_trust_root(ca_file: Path | None, source: str) -> interfaces.IOpenSSLTrustRoot:
+def _load_trust_root(ca_file: Path | None, source: str) -> IOpenSSLTrustRoot:
     if ca_file is None:
-        return ssl.platformTrust()
+        platform: IOpenSSLTrustRoot = ssl.platformTrust()  # unannotated in Twisted
+        return platform
     data = _read(ca_file, source, "delivery.ca_file")
     try:
         anchors = x509.load_pem_x509_certificates(data)
@@ -295,9 +314,10 @@ def _load_trust_root(ca_file: Path | None, source: str) -> interfaces.IOpenSSLTr
         raise ConfigError(
             source, "delivery.ca_file", f"{ca_file}: no PEM certificate found"
         ) from None
-    return ssl.trustRootFromCertificates(
+    trust: IOpenSSLTrustRoot = ssl.trustRootFromCertificates(  # unannotated in Twisted
         [ssl.Certificate.loadPEM(a.public_bytes(serialization.Encoding.PEM)) for a in anchors]
     )
+    return trust
 
 
 @implementer(interfaces.IOpenSSLClientConnectionCreator)

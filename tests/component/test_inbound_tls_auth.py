@@ -281,9 +281,11 @@ async def test_wrong_passwords_get_535_then_slower_answers(
     finally:
         await harness.stop()
     assert [code for code, _ in results] == [535, 535, 535]
-    fast, slow = results[0][1], results[2][1]
-    assert slow >= 0.4, results
-    assert slow - fast >= 0.3, results
+    # The throttle's delay comes on top of the scrypt check, so the third answer takes at
+    # least the base delay however loaded the machine is (a relative comparison with the
+    # first answer is not: scrypt alone can take half a second under load).
+    assert results[2][1] >= 0.4, results
+    assert throttle.delay_for("127.0.0.1", time.time()) >= 0.4
     failures = [line for line in harness.mail_log() if "auth" in line and USER in line]
     assert len(failures) == 3, harness.mail_log()
 

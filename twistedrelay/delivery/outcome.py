@@ -87,9 +87,17 @@ class DNSFailure(Protocol):
     Structural, so that this pure module does not import the resolver's I/O half.
     """
 
-    kind: str
-    name: str
-    detail: str
+    @property
+    def kind(self) -> str:
+        """null_mx, no_such_domain, no_mail_host or temporary."""
+
+    @property
+    def name(self) -> str:
+        """The name that was looked up."""
+
+    @property
+    def detail(self) -> str:
+        """More about the failure, for the diagnostic ("" when nothing)."""
 
 
 # kind → (permanent?, status, text). RFC 7505 §4.3 null MX: 5.1.10; RFC 3463 X.1.2 bad

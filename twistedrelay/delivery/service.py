@@ -131,7 +131,7 @@ class DeliveryService(Service):
 
     @override
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # unannotated in Twisted
         self._stopping = False
         self._scan.start(self.config.delivery.queue_scan_interval, now=True).addErrback(
             lambda f: _log.failure("queue scan stopped", f)
@@ -139,7 +139,7 @@ class DeliveryService(Service):
 
     @override
     def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # unannotated in Twisted
         return defer.ensureDeferred(self._drain())
 
     async def _drain(self) -> None:
@@ -251,11 +251,14 @@ class DeliveryService(Service):
                     attempt = defer.ensureDeferred(self._attempt(job))
                     self._attempts.add(attempt)
                     attempt.addErrback(lambda f: _log.failure("delivery attempt failed", f))
-                    attempt.addBoth(lambda _, a=attempt: self._attempts.discard(a))
+                    attempt.addBoth(self._forget_attempt, attempt)
                 for job in self.scheduler.take_refused():
                     self._refuse(job)
         finally:
             self._pumping = False
+
+    def _forget_attempt(self, result: object, attempt: defer.Deferred[None]) -> None:
+        self._attempts.discard(attempt)
 
     async def _attempt(self, job: Job[JobPayload]) -> None:
         payload = job.payload

@@ -13,8 +13,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -51,7 +50,7 @@ class InboundService(Service):
         self.factories: dict[str, SMTPServerFactory] = {}
         self.ports: list[IListeningPort] = []
 
-    def _factory_for(self, mode: str) -> tuple[SMTPServerFactory, Factory]:
+    def _factory_for(self, mode: str) -> tuple[SMTPServerFactory, IProtocolFactory]:
         factory = self.factories.get(mode)
         if factory is None:
             factory = self.factories[mode] = SMTPServerFactory(self.parts, mode)
@@ -63,7 +62,7 @@ class InboundService(Service):
 
     @override
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # unannotated in Twisted
         reactor = self.parts.reactor
         for mode, inherited in self.sockets.items():
             for sock in inherited:
@@ -84,7 +83,7 @@ class InboundService(Service):
 
     @override
     def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # unannotated in Twisted
         return defer.ensureDeferred(self._drain())
 
     async def _drain(self) -> None:

@@ -49,7 +49,8 @@ from twistedrelay.hooks import (
 from twistedrelay.metrics import RelayMetrics
 from twistedrelay.policy import RelayPolicy
 from twistedrelay.queue.entry import Envelope, Recipient
-from twistedrelay.queue.store import IncomingMessage, QueueStore, QueueWriteError
+from twistedrelay.queue.incoming import IncomingMessage, QueueWriteError
+from twistedrelay.queue.store import QueueStore
 from twistedrelay.smtp import replies
 from twistedrelay.smtp.addresses import domain_of
 from twistedrelay.smtp.replies import Reply
@@ -119,7 +120,7 @@ class SMTPServerFactory(ServerFactory):
         self.draining = False
 
     @override
-    def buildProtocol(self, addr: IAddress) -> Protocol:
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
         host = str(getattr(addr, "host", ""))
         refusal = self._refusal_for(host)
         if refusal is not None:
