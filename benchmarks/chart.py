@@ -35,6 +35,8 @@ def write_chart(results: list[dict[str, Any]], path: Path, title: str = "") -> b
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    # Rate-limited runs (1k-half) measure latency, not capacity: leave them out.
+    results = [result for result in results if not result.get("rate")]
     scenarios = list(dict.fromkeys(result["scenario"] for result in results))
     systems = [system for system in SYSTEMS if any(r["system"] == system[0] for r in results)]
     width = 0.8 / max(1, len(systems))
@@ -44,7 +46,7 @@ def write_chart(results: list[dict[str, Any]], path: Path, title: str = "") -> b
             values = []
             for scenario in scenarios:
                 found = [r for r in results if r["scenario"] == scenario and r["system"] == system]
-                values.append(found[0][key]["messages_per_second"] or 0 if found else 0)
+                values.append((found[0][key]["messages_per_second"] or 0) if found else 0)
             positions = [
                 index + (offset - (len(systems) - 1) / 2) * width for index in range(len(scenarios))
             ]

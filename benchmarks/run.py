@@ -37,7 +37,7 @@ from typing import Any
 from chart import write_chart
 from load import measure, report
 from load.postfix import PostfixInstance, ensure_postfix, postfix_role, postfix_version
-from load.procs import ResourceSampler, tree_cpu_seconds, wait_until
+from load.procs import ResourceSampler, machine_busy_seconds, tree_cpu_seconds, wait_until
 from load.relay import RelayInstance, relay_role
 from load.sender import Scenario, run_send
 from load.sink import SinkRunner
@@ -232,6 +232,7 @@ class Harness:
             load_before = os.getloadavg()[0]
             sampler = ResourceSampler(lambda: instance.pid, role)
             cpu_before = tree_cpu_seconds(instance.pid)
+            busy_before = machine_busy_seconds()
             sampler.start()
             try:
                 sent = run_send(
@@ -249,6 +250,7 @@ class Harness:
                     baseline + expected, self.args.drain_timeout
                 )
                 cpu_seconds = tree_cpu_seconds(instance.pid) - cpu_before
+                busy_seconds = machine_busy_seconds() - busy_before
             finally:
                 sampler.stop()
             delivered = self.sink.counters().get("recipients", 0) - baseline
@@ -283,6 +285,9 @@ class Harness:
             "delivery_delay": measure.delay_summary(measure.log_delays(log_path)),
             "cpu": {
                 "seconds": round(cpu_seconds, 2),
+                # All CPUs, same window: the system under test, the generator, the sink,
+                # the harness, and anything else running on the machine.
+                "machine_busy_seconds": round(busy_seconds, 2),
                 "seconds_per_1000_messages": round(cpu_seconds / accepted * 1000, 3)
                 if accepted
                 else None,

@@ -82,6 +82,13 @@ def tree_cpu_seconds(root: int) -> float:
     return sum(stat.cpu_ticks for stat in process_tree(root)) / CLOCK_TICKS
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all CPUs have spent busy (not idle or iowait) since boot, from /proc/stat."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    ticks = [int(value) for value in fields[:8]]  # user nice system idle iowait irq softirq steal
+    return (sum(ticks) - ticks[3] - ticks[4]) / CLOCK_TICKS
+
+
 def _status_kb(pid: int, keys: Sequence[str]) -> dict[str, int]:
     """Some ``VmXXX: N kB`` lines of /proc/PID/status."""
     values = {}
