@@ -27,6 +27,7 @@ import resource
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -97,6 +98,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=180.0,
         help="how long to wait after the load for the sink to have everything, seconds",
     )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs of each scenario and system; the table shows the median by end-to-end",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the run directory (queues, logs)")
     parser.add_argument("--report", type=Path, help="only print the tables of a saved results.json")
     args = parser.parse_args(argv)
@@ -109,6 +116,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.worker_counts = [int(value) for value in args.workers.split(",") if value.strip()]
     except ValueError:
         parser.error("--workers takes a comma list of integers, e.g. 1,2")
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     if args.messages <= 0 and not args.duration:
         parser.error("--messages must be positive")
     return args
@@ -146,7 +155,28 @@ def machine_info(with_postfix: bool) -> dict[str, Any]:
     }
     if with_postfix:
         info["Postfix"] = postfix_version()
+    info["twistedrelay revision"] = source_revision()
     return info
+
+
+def source_revision() -> str:
+    """The git commit of the relay's code, flagged when twistedrelay/ has uncommitted changes."""
+    top = Path(__file__).resolve().parent.parent
+
+    def git(*argv: str) -> str:
+        try:
+            result = subprocess.run(
+                ["git", "-C", str(top), *argv], capture_output=True, check=False, timeout=30
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return result.stdout.decode().strip()
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if not commit:
+        return "unknown"
+    dirty = git("status", "--porcelain", "--", "twistedrelay")
+    return commit + (" + uncommitted changes in twistedrelay/" if dirty else "")
 
 
 class TerminatedError(Exception):
@@ -180,27 +210,42 @@ class Harness:
         return systems + (["postfix"] if with_postfix else [])
 
     def run(self, with_postfix: bool) -> None:
-        """Every scenario on every system."""
+        """Every scenario on every system, ``--repeat`` times, systems interleaved."""
         self.sink.start()
         self.cleanups.callback(self.sink.stop)
         self.log(f"sink listening on 127.0.0.1:{self.sink.port}")
         for scenario in self.args.scenario_list:
-            for system in self.systems(with_postfix):
-                rate = 0.0
-                if scenario.rate_fraction:
-                    base = report.find(self.results, MAX_RATE_SCENARIO, system)
-                    if base is None or not base["acceptance"]["messages_per_second"]:
-                        self.skipped.append(
-                            f"{scenario.name} on {system}: needs the {MAX_RATE_SCENARIO} "
-                            "scenario's acceptance rate first"
-                        )
+            rates = {
+                system: self.rate_for(scenario, system) for system in self.systems(with_postfix)
+            }
+            runs: dict[str, list[dict[str, Any]]] = {}
+            # Interleave the systems in each round, so that a busy spell of the machine
+            # hits all of them rather than one.
+            for attempt in range(self.args.repeat):
+                for system, rate in rates.items():
+                    if rate is None:
                         continue
-                    rate = base["acceptance"]["messages_per_second"] * scenario.rate_fraction
-                try:
-                    self.results.append(self.run_one(system, scenario, rate))
-                except RuntimeError as error:
-                    self.log(f"{scenario.name} on {system} failed: {error}")
-                    self.skipped.append(f"{scenario.name} on {system}: {str(error)[:300]}")
+                    try:
+                        result = self.run_one(system, scenario, rate, attempt)
+                    except RuntimeError as error:
+                        self.log(f"{scenario.name} on {system} failed: {error}")
+                        self.skipped.append(f"{scenario.name} on {system}: {str(error)[:300]}")
+                        continue
+                    runs.setdefault(system, []).append(result)
+            self.results.extend(median_run(results) for results in runs.values())
+
+    def rate_for(self, scenario: Scenario, system: str) -> float | None:
+        """The scenario's sending rate on ``system`` (0: unlimited; None: cannot run)."""
+        if not scenario.rate_fraction:
+            return 0.0
+        base = report.find(self.results, MAX_RATE_SCENARIO, system)
+        if base is None or not base["acceptance"]["messages_per_second"]:
+            self.skipped.append(
+                f"{scenario.name} on {system}: needs the {MAX_RATE_SCENARIO} scenario's "
+                "acceptance rate first"
+            )
+            return None
+        return float(base["acceptance"]["messages_per_second"]) * scenario.rate_fraction
 
     @contextlib.contextmanager
     def system_under_test(self, system: str, directory: Path) -> Iterator[Any]:
@@ -216,9 +261,11 @@ class Harness:
             instance.start()
             yield instance
 
-    def run_one(self, system: str, scenario: Scenario, rate: float) -> dict[str, Any]:
+    def run_one(
+        self, system: str, scenario: Scenario, rate: float, attempt: int = 0
+    ) -> dict[str, Any]:
         """One scenario on one system: the result dict of results.json."""
-        directory = self.root / f"{scenario.name}-{system}"
+        directory = self.root / f"{scenario.name}-{system}-{attempt + 1}"
         directory.mkdir()
         self.log(
             f"{scenario.name} on {system}: starting" + (f" (rate {rate:.0f}/s)" if rate else "")
@@ -322,6 +369,30 @@ class Harness:
         return result
 
 
+def median_run(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median end-to-end throughput, carrying every run's headline figures.
+
+    :param results: the repeats of one scenario on one system (at least one).
+    """
+
+    def e2e(result: dict[str, Any]) -> float:
+        return float(result["end_to_end"]["messages_per_second"] or 0.0)
+
+    chosen = dict(sorted(results, key=e2e)[(len(results) - 1) // 2])
+    chosen["repeats"] = [
+        {
+            "acceptance_messages_per_second": result["acceptance"]["messages_per_second"],
+            "acceptance_p99_ms": result["acceptance"]["latency_ms"]["p99"],
+            "end_to_end_messages_per_second": result["end_to_end"]["messages_per_second"],
+            "cpu_seconds_per_1000_messages": result["cpu"]["seconds_per_1000_messages"],
+            "machine_busy_seconds": result["cpu"]["machine_busy_seconds"],
+            "load_average_before": result["load_average_before"],
+        }
+        for result in results
+    ]
+    return chosen
+
+
 def write_outputs(document: dict[str, Any], out: Path) -> str:
     """results.json, results.md and throughput.png in ``out``; the markdown."""
     out.mkdir(parents=True, exist_ok=True)
@@ -366,6 +437,7 @@ def main(argv: list[str]) -> int:
             "duration": args.duration,
             "connections": args.connections,
             "workers": args.worker_counts,
+            "repeat": args.repeat,
         },
     }
     harness: Harness | None = None

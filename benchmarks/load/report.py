@@ -23,6 +23,12 @@ def _number(value: float | None, digits: int = 0) -> str:
     return f"{value:,.{digits}f}"
 
 
+def _spread(repeats: list[dict[str, Any]], key: str) -> str:
+    """ " (min–max)" of one figure over repeated runs."""
+    values = [run[key] or 0 for run in repeats]
+    return f" ({min(values):,.0f}–{max(values):,.0f})"
+
+
 def find(results: list[dict[str, Any]], scenario: str, system: str) -> dict[str, Any] | None:
     """The result of one scenario on one system, if it ran."""
     for result in results:
@@ -54,14 +60,19 @@ def figures_table(results: list[dict[str, Any]]) -> str:
         acceptance, e2e = result["acceptance"], result["end_to_end"]
         latency, delay = acceptance["latency_ms"], result["delivery_delay"]
         memory = result["memory"]
+        accept_text = _number(acceptance["messages_per_second"])
         e2e_text = _number(e2e["messages_per_second"])
+        repeats = result.get("repeats", [])
+        if len(repeats) > 1:
+            accept_text += _spread(repeats, "acceptance_messages_per_second")
+            e2e_text += _spread(repeats, "end_to_end_messages_per_second")
         if not e2e["complete"]:
             e2e_text += f" (incomplete: {e2e['recipients_delivered']}/{e2e['recipients_expected']})"
         rate = f" @ {result['rate']:.0f}/s" if result.get("rate") else ""
         system = SYSTEM_LABELS.get(result["system"], result["system"])
         lines.append(
             f"| {result['scenario']}{rate} | {system} "
-            f"| {_number(acceptance['messages_per_second'])} "
+            f"| {accept_text} "
             f"| {_number(latency['p50'], 1)} / {_number(latency['p90'], 1)} / "
             f"{_number(latency['p99'], 1)} "
             f"| {e2e_text} "
@@ -81,7 +92,8 @@ def ratios_table(results: list[dict[str, Any]]) -> str:
         "| end-to-end 1 worker / Postfix | end-to-end 2 workers / Postfix |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
-    scenarios = list(dict.fromkeys(result["scenario"] for result in results))
+    # A rate-limited run's throughput is its set rate: no ratio to take.
+    scenarios = list(dict.fromkeys(r["scenario"] for r in results if not r.get("rate")))
     for scenario in scenarios:
         cells = [
             ratio(results, scenario, system, figure)
@@ -176,6 +188,13 @@ def machine_lines(machine: dict[str, Any]) -> str:
 def markdown(document: dict[str, Any]) -> str:
     """The whole report of one run."""
     results = document["results"]
+    repeat = document.get("options", {}).get("repeat", 1)
+    note = (
+        f"Each row is the median of {repeat} runs by end-to-end throughput; "
+        "(min–max) over the runs."
+        if repeat > 1
+        else "One run per row."
+    )
     parts = [
         "## Machine",
         machine_lines(document["machine"]),
@@ -183,6 +202,8 @@ def markdown(document: dict[str, Any]) -> str:
         f"Command: `{document['command']}`",
         "",
         "## Figures",
+        note,
+        "",
         figures_table(results),
         "",
         "## Ours / Postfix",
