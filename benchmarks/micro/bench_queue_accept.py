@@ -71,7 +71,7 @@ async def measure(reactor, options: argparse.Namespace, concurrency: int) -> tup
     directory = tempfile.mkdtemp(prefix="bench-queue-", dir=options.directory)
     try:
         QueueStore.create(directory)
-        store = QueueStore(directory, reactor, threads=options.threads)
+        store = QueueStore(directory, reactor, threads=options.threads, commit_lanes=options.lanes)
         try:
             await accept_one(store)  # warm up the pool and the directory
             syncs_before = store.group_commit.directory_syncs
@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3, help="fresh queue per round")
     parser.add_argument("--threads", type=int, default=16, help="store thread pool size")
+    parser.add_argument("--lanes", type=int, default=1, help="concurrent commit batches")
     parser.add_argument("--directory", default=None, help="where to make the queue")
     options = parser.parse_args()
     task.react(lambda reactor: defer.ensureDeferred(run(reactor, options)))

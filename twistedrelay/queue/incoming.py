@@ -1,9 +1,10 @@
 """The accept path: one message being received, until it is durable in the queue.
 
 Owns writing a new queue entry: collecting content while DATA arrives, writing it behind
-in pool threads, and at commit the trailer, fdatasync and rename (queue/store.py then
-shares the directory fsync, group_commit.py). It also owns the entry file's format, which
-store.py's module docstring describes, and the mapping of write errors to SMTP replies.
+in pool threads, and at commit the trailer, fdatasync and rename, run in a batch with other
+sessions' commits that one directory fsync then covers (group_commit.py). It also owns
+the entry file's format, which store.py's module docstring describes, and the mapping of
+write errors to SMTP replies.
 
 Invariant: the reactor thread never touches the disk here, and nothing ever renames a file
 into a state directory before its data is fdatasync'd.
@@ -34,8 +35,11 @@ _STORAGE_FULL_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 #: Runs a function in a pool thread: (function, *args) -> Deferred of its result.
 RunInThread = Callable[..., Deferred[None]]
-#: (renamed, queue_id, state, destination) -> fires when the rename is durable.
-AfterRename = Callable[[Deferred[None], str, str, str], Deferred[None]]
+#: (work, directory, destination) -> runs the work in a batch, fires once the rename into
+#: directory is durable (group_commit.CommitBatcher.commit).
+CommitInBatch = Callable[[Callable[[], None], str, str], Deferred[None]]
+#: (durable, queue_id, state) -> what the caller of commit() gets (store.py reports).
+AfterCommit = Callable[[Deferred[None], str, str], Deferred[None]]
 
 
 class QueueWriteError(Exception):
@@ -120,15 +124,17 @@ _OPEN, _COMMITTED, _DISCARDED = "open", "committed", "discarded"
 class IncomingMessage:
     """One message being received, until commit() or discard().
 
-    Made by QueueStore.open_message(), which passes the store's pool and the directory
-    fsync that follows the rename (``after_rename``). The reactor thread never touches the
-    disk here: creating a file can take milliseconds (about 1 ms typical and 8 ms at the 99th
-    percentile on the development VM's ext4), so content is collected in memory and
-    handed to pool threads. A message of less than ``SPILL_BYTES`` (most mail) costs one
-    pool job at commit: create tmp/<queue ID>, write, fdatasync, close, rename. A larger
-    one is written behind in ``SPILL_BYTES`` pieces while DATA arrives, by pool jobs that
-    run one after another for this message (a chain of Deferreds), so memory stays
-    bounded by about ``SPILL_BYTES`` per session plus what the disk has not yet taken.
+    Made by QueueStore.open_message(), which passes the store's pool, its commit batches
+    (``commit_in_batch``: the final write, fdatasync and rename, then the shared directory
+    fsync) and what to do once the commit is over (``after_commit``). The reactor thread
+    never touches the disk here: creating a file can take milliseconds (about 1 ms typical
+    and 8 ms at the 99th percentile on the development VM's ext4), so content is collected
+    in memory and handed to pool threads. A message of less than ``SPILL_BYTES`` (most
+    mail) costs a share of one batch job at commit: create tmp/<queue ID>, write,
+    fdatasync, close, rename. A larger one is written behind in ``SPILL_BYTES`` pieces
+    while DATA arrives, by pool jobs that run one after another for this message (a chain
+    of Deferreds), so memory stays bounded by about ``SPILL_BYTES`` per session plus what
+    the disk has not yet taken.
 
     A write error does not raise: it is remembered, the partial file is removed at once
     (to give the space back), later writes are dropped, and commit() then fails with the
@@ -141,13 +147,15 @@ class IncomingMessage:
         layout: QueueLayout,
         filesystem: FileSystem,
         run_in_thread: RunInThread,
-        after_rename: AfterRename,
+        commit_in_batch: CommitInBatch,
+        after_commit: AfterCommit,
     ) -> None:
         self.queue_id = queue_id
         self._layout = layout
         self._fs = filesystem
         self._run_in_thread = run_in_thread
-        self._after_rename = after_rename
+        self._commit_in_batch = commit_in_batch
+        self._after_commit = after_commit
         self._tmp_path = layout.tmp_path(queue_id)
         self._size = 0
         self._error: BaseException | None = None
@@ -213,9 +221,9 @@ class IncomingMessage:
     def commit(self, envelope: Envelope, state: str = INCOMING) -> Deferred[None]:
         """Make the message durable in ``state`` (incoming or hold).
 
-        In a pool thread: append the rest of the content, the envelope trailer and the
-        footer, fdatasync, rename into the state directory; then wait for a shared fsync of
-        that directory (group_commit.py).
+        In a pool thread, batched with other sessions' commits: append the rest of the
+        content, the envelope trailer and the footer, fdatasync, rename into the state
+        directory; then a fsync of that directory shared by the batch (group_commit.py).
 
         :param envelope: the message's envelope; its queue_id must be this message's.
         :param state: ``"incoming"`` (deliver) or ``"hold"`` (a data hook said hold).
@@ -236,15 +244,18 @@ class IncomingMessage:
         chunks = self._take_chunks()
         chunks.append(trailer + FOOTER_FORMAT % (len(trailer), self._size))
         data = b"".join(chunks)
-        destination = os.path.join(self._layout.state_directory(state), self.queue_id)
+        directory = self._layout.state_directory(state)
+        destination = os.path.join(directory, self.queue_id)
 
         def finish(_: None) -> Deferred[None]:
             if self._error is not None:
                 return defer.fail(self._error)
-            return self._run_in_thread(self._finish, data, destination)
+            return self._commit_in_batch(
+                lambda: self._finish(data, destination), directory, destination
+            )
 
         self._jobs.addCallback(finish)
-        return self._after_rename(self._jobs, self.queue_id, state, destination)
+        return self._after_commit(self._jobs, self.queue_id, state)
 
     def discard(self) -> Deferred[None]:
         """Drop the message (the transaction failed or was reset): remove its tmp file.

@@ -11,9 +11,10 @@ instant leaves every acknowledged entry queued or delivered: at-least-once.
 
 Rule 2: the reactor thread never waits for the disk on the accept path. Content is
 collected in memory and written by pool threads (creating the file, writing, fdatasync,
-rename; see queue/incoming.py), and directory fsyncs are shared by concurrent commits
-(group_commit.py). The delivery side's renames, unlinks and small reads run in the reactor
-thread: they cost tens of microseconds, unlike a file creation or an fsync.
+rename; see queue/incoming.py), in batches of concurrent commits that share one pool job
+and one directory fsync (group_commit.py). The delivery side's renames, unlinks and small
+reads run in the reactor thread: they cost tens of microseconds, unlike a file creation or
+an fsync.
 
 The entry file (one per queue entry, named by its queue ID, mode 0600), in this order:
 
@@ -77,7 +78,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from twistedrelay.queue.entry import EntryStatus, Envelope
-from twistedrelay.queue.group_commit import GroupCommitter, SerialBatcher
+from twistedrelay.queue.group_commit import DEFAULT_COMMIT_LANES, CommitBatcher, SerialBatcher
 from twistedrelay.queue.ids import QueueIdGenerator, is_queue_id
 from twistedrelay.queue.incoming import (
     FOOTER_SIZE,
@@ -209,6 +210,8 @@ class QueueStore:
         has system event triggers).
     :param filesystem: the OS seam of the commit path (tests inject failures through it).
     :param id_generator: makes queue IDs (tests inject a clock through it).
+    :param threads: the size of the store's own pool.
+    :param commit_lanes: how many commit batches may run at once (group_commit.py).
     :raises FileNotFoundError: the directory has not been created with create().
     """
 
@@ -221,6 +224,7 @@ class QueueStore:
         filesystem: FileSystem | None = None,
         id_generator: QueueIdGenerator | None = None,
         threads: int = DEFAULT_THREADS,
+        commit_lanes: int = DEFAULT_COMMIT_LANES,
     ) -> None:
         self.layout = QueueLayout(directory)
         if not self.layout.is_created():
@@ -242,7 +246,7 @@ class QueueStore:
                     "during", "shutdown", self.close
                 )
         self._pool = threadpool
-        self.group_commit = GroupCommitter(self._run_in_thread, self._fs.sync_directory)
+        self.group_commit = CommitBatcher(self._run_in_thread, self._fs, commit_lanes)
         self._removals: SerialBatcher[ClaimedEntry] = SerialBatcher(
             self._run_in_thread, self._remove_entries
         )
@@ -298,23 +302,16 @@ class QueueStore:
         else:
             self._check_id(queue_id)
         return IncomingMessage(
-            queue_id, self.layout, self._fs, self._run_in_thread, self._after_rename
+            queue_id,
+            self.layout,
+            self._fs,
+            self._run_in_thread,
+            self.group_commit.commit,
+            self._after_commit,
         )
 
-    def _after_rename(
-        self, renamed: Deferred[None], queue_id: str, state: str, destination: str
-    ) -> Deferred[None]:
-        """Share a directory fsync once the rename is done, then report the outcome."""
-        directory = os.path.dirname(destination)
-
-        def sync(_: None) -> Deferred[None]:
-            return self.group_commit.sync_after_rename(directory).addErrback(not_synced)
-
-        def not_synced(failure: Failure) -> Failure:
-            # A rename whose directory fsync failed is not known durable: the client gets
-            # 451 and retries, so remove the entry to avoid a second copy (best effort).
-            self._fs.remove(destination)
-            return failure
+    def _after_commit(self, committed: Deferred[None], queue_id: str, state: str) -> Deferred[None]:
+        """Tell the observers about a durable entry, or log and map a failed commit."""
 
         def durable(_: None) -> None:
             self._notify_committed(queue_id, state)
@@ -323,9 +320,8 @@ class QueueStore:
             error = failure.value if failure.value is not None else RuntimeError(failure)
             raise self._report_write_error(queue_id, error)
 
-        renamed.addCallback(sync)
-        renamed.addCallbacks(durable, failed)
-        return renamed
+        committed.addCallbacks(durable, failed)
+        return committed
 
     def _report_write_error(self, queue_id: str, error: BaseException) -> QueueWriteError:
         """Log a failed accept for the operator and map it to the client's reply."""
