@@ -58,8 +58,9 @@ Rules (the contract with the adapter):
    ``DataEnd.error`` is set, the message must not be queued; ``DataChunk`` events already
    given must be discarded (none follow the error).
 
-While a decision is pending the session buffers without bound; the adapter should pause
-reading from the transport until it has called ``respond``.
+While a decision is pending the session buffers without bound; the adapter must bound that
+(server.py pauses reading from the transport once the input held since the decision began
+passes HELD_INPUT_LIMIT, until it has called ``respond``).
 """
 
 from __future__ import annotations
