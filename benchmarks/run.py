@@ -306,7 +306,7 @@ class Harness:
         accepted = int(sent.report["messages_accepted"])
         e2e_seconds = done_at - sent.started_at if done_at is not None else None
         samples = measure.parse_metrics(metrics_text)
-        result = {
+        result: dict[str, Any] = {
             "load_average_before": round(load_before, 2),
             "scenario": scenario.name,
             "description": scenario.description,

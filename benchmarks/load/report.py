@@ -131,18 +131,16 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 f"{scenario} {figure.replace('_', '-')} ahead of Postfix", scenario, figure, 1.0
             )
     half = find(results, "1k-half", "relay-2w")
-    p99 = half["acceptance"]["latency_ms"]["p99"] if half else None
+    p99 = float(half["acceptance"]["latency_ms"]["p99"]) if half else None
     rows.append(
         {
             "target": f"acceptance p99 ≤ {HALF_RATE_P99_TARGET_MS:.0f} ms at half the maximum rate "
             "(2 workers)",
-            "measured": None if p99 is None else f"{p99:.1f} ms at {half['rate']:.0f} msg/s",
+            "measured": None
+            if half is None or p99 is None
+            else f"{p99:.1f} ms at {half['rate']:.0f} msg/s",
             "met": None if p99 is None else p99 <= HALF_RATE_P99_TARGET_MS,
-            "by": None
-            if not p99
-            else f"{HALF_RATE_P99_TARGET_MS / p99:.2f}× headroom"
-            if p99 <= HALF_RATE_P99_TARGET_MS
-            else f"{p99 / HALF_RATE_P99_TARGET_MS:.2f}× over",
+            "by": _margin(p99, HALF_RATE_P99_TARGET_MS),
         }
     )
     for system in ("relay-1w", "relay-2w"):
@@ -161,14 +159,19 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 f"sessions ({SYSTEM_LABELS[system]})",
                 "measured": None if peak is None else f"{peak:.0f} MB",
                 "met": None if peak is None else peak <= WORKER_RSS_TARGET_MB,
-                "by": None
-                if not peak
-                else f"{WORKER_RSS_TARGET_MB / peak:.2f}× headroom"
-                if peak <= WORKER_RSS_TARGET_MB
-                else f"{peak / WORKER_RSS_TARGET_MB:.2f}× over",
+                "by": _margin(peak, WORKER_RSS_TARGET_MB),
             }
         )
     return rows
+
+
+def _margin(value: float | None, limit: float) -> str | None:
+    """How far a measured value is under (headroom) or over an upper limit."""
+    if not value:
+        return None
+    if value <= limit:
+        return f"{limit / value:.2f}× headroom"
+    return f"{value / limit:.2f}× over"
 
 
 def targets_table(rows: list[dict[str, Any]]) -> str:
