@@ -11,7 +11,6 @@ any failure before that removes the partial file and answers 4xx.
 
 from __future__ import annotations
 
-import email.utils
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
@@ -53,6 +52,7 @@ from twistedrelay.queue.incoming import IncomingMessage, QueueWriteError
 from twistedrelay.queue.store import QueueStore
 from twistedrelay.smtp import replies
 from twistedrelay.smtp.addresses import domain_of
+from twistedrelay.smtp.admission import Admission
 from twistedrelay.smtp.replies import Reply
 from twistedrelay.smtp.sasl import Credentials, SASLError, SASLExchange
 from twistedrelay.smtp.server_session import (
@@ -71,6 +71,7 @@ from twistedrelay.smtp.server_session import (
     SessionSettings,
     StartTLS,
 )
+from twistedrelay.smtp.trace import build_received_header, protocol_name
 from twistedrelay.tls import ServerTLS, describe_tls
 
 _log = Logger(namespace="twistedrelay.smtp")
@@ -102,6 +103,7 @@ class InboundParts:
     server_tls: ServerTLS | None = None
     authenticator: Authenticator | None = None
     throttle: LoginThrottle = field(default_factory=LoginThrottle)
+    admission: Admission = field(default_factory=Admission)
 
 
 class SMTPServerFactory(ServerFactory):
@@ -119,8 +121,6 @@ class SMTPServerFactory(ServerFactory):
         self.parts = parts
         self.listener = listener
         self.sessions: set[SMTPServerProtocol] = set()
-        self.sessions_per_ip: dict[str, int] = {}
-        self.recent_connections: dict[str, list[float]] = {}
         self.draining = False
 
     @override
@@ -133,40 +133,20 @@ class SMTPServerFactory(ServerFactory):
         return protocol
 
     def _refusal_for(self, host: str) -> Reply | None:
-        smtp = self.parts.config.smtp
         if self.draining:
             return replies.SHUTTING_DOWN
-        if len(self.sessions) >= smtp.max_connections:
-            return replies.TOO_MANY_CONNECTIONS
-        if self.sessions_per_ip.get(host, 0) >= smtp.max_connections_per_ip:
-            return replies.TOO_MANY_CONNECTIONS
-        if smtp.connection_rate_per_ip:
-            now = self.parts.reactor.seconds()
-            recent = [t for t in self.recent_connections.get(host, ()) if now - t < 60.0]
-            if len(recent) >= smtp.connection_rate_per_ip:
-                self.recent_connections[host] = recent
-                return replies.TOO_MANY_CONNECTIONS
-            recent.append(now)
-            self.recent_connections[host] = recent
-            if len(self.recent_connections) > 100_000:
-                self.recent_connections.clear()
-        return None
+        parts = self.parts
+        return parts.admission.refusal_for(host, parts.reactor.seconds(), parts.config.smtp)
 
     def session_started(self, protocol: SMTPServerProtocol) -> None:
-        """Count a session against the limits."""
+        """Count a session against the worker's limits."""
         self.sessions.add(protocol)
-        self.sessions_per_ip[protocol.client_address] = (
-            self.sessions_per_ip.get(protocol.client_address, 0) + 1
-        )
+        self.parts.admission.started(protocol.client_address)
 
     def session_ended(self, protocol: SMTPServerProtocol) -> None:
-        """Release a session's place in the limits."""
+        """Release a session's place in the worker's limits."""
         self.sessions.discard(protocol)
-        left = self.sessions_per_ip.get(protocol.client_address, 1) - 1
-        if left > 0:
-            self.sessions_per_ip[protocol.client_address] = left
-        else:
-            self.sessions_per_ip.pop(protocol.client_address, None)
+        self.parts.admission.ended(protocol.client_address)
 
     def close_idle_sessions(self) -> None:
         """At shutdown: say 421 to every session that is not in the middle of a message."""
@@ -583,24 +563,23 @@ class SMTPServerProtocol(Protocol):
         )
 
     def _received_header(self, queue_id: str) -> bytes:
-        """RFC 5321 §4.4 trace header, with the RFC 3848 protocol name."""
         session = self.session
-        if not session.extended:
-            protocol = "SMTP"
-        else:
-            base = "UTF8SMTP" if "SMTPUTF8" in session.mail_params else "ESMTP"
-            protocol = base + ("S" if self.tls else "") + ("A" if session.is_authenticated else "")
         recipients = session.recipients
-        for_clause = f"\r\n\tfor <{recipients[0][0]}>" if len(recipients) == 1 else ""
-        tls_clause = f"\r\n\t(using {self.tls})" if self.tls else ""
-        helo = _sanitize(session.helo_name or "unknown")
-        date = email.utils.formatdate(self.parts.reactor.seconds(), localtime=True)
-        header = (
-            f"Received: from {helo} ([{self.client_address}]){tls_clause}\r\n"
-            f"\tby {self.parts.config.hostname} (twistedrelay) with {protocol} id {queue_id}"
-            f"{for_clause}; {date}\r\n"
+        return build_received_header(
+            helo=session.helo_name,
+            client_address=self.client_address,
+            hostname=self.parts.config.hostname,
+            protocol=protocol_name(
+                session.extended,
+                self.tls is not None,
+                session.is_authenticated,
+                "SMTPUTF8" in session.mail_params,
+            ),
+            queue_id=queue_id,
+            date_epoch=self.parts.reactor.seconds(),
+            tls=self.tls,
+            recipient=recipients[0][0] if len(recipients) == 1 else None,
         )
-        return header.encode("utf-8", "replace")
 
     # -- STARTTLS and AUTH ----------------------------------------------------------------
 
@@ -775,7 +754,3 @@ def parse_header_section(message: bytes) -> tuple[tuple[str, str], ...]:
     """The header fields of a stored message as (name, unfolded value) pairs, in order."""
     parsed = BytesHeaderParser(policy=compat32).parsebytes(message)
     return tuple((name, " ".join(str(value).split())) for name, value in parsed.items())
-
-
-def _sanitize(text: str) -> str:
-    return "".join(c if c.isprintable() and c not in "()\\" else "?" for c in text)[:255]

@@ -1,0 +1,73 @@
+"""Admission: whether a new inbound connection may start a session in this worker.
+
+Pure: counts and a clock value in, a refusal or None out. One Admission is shared by every
+listener of a worker, so ``smtp.max_connections`` bounds the worker's sessions, and
+``max_connections_per_ip`` and ``connection_rate_per_ip`` bound what one client address can
+take (a slowloris from one address cannot starve everyone else). The limits are read from
+the config at each decision, so a reload applies to the next connection.
+"""
+
+from __future__ import annotations
+
+from twistedrelay.config import SMTPConfig
+from twistedrelay.smtp import replies
+from twistedrelay.smtp.replies import Reply
+
+RATE_WINDOW_SECONDS = 60.0
+#: Beyond this many remembered addresses, forget the ones with no recent connection.
+MAX_REMEMBERED_ADDRESSES = 100_000
+
+
+class Admission:
+    """Open sessions per worker and per client address, and recent connects per address."""
+
+    def __init__(self) -> None:
+        self.open_sessions = 0
+        self._per_address: dict[str, int] = {}
+        self._recent: dict[str, list[float]] = {}
+
+    def refusal_for(self, address: str, now: float, limits: SMTPConfig) -> Reply | None:
+        """None when a connection from ``address`` may start a session now, else the 421.
+
+        A connection that is admitted counts toward the rate at once; call started() and
+        ended() around its session for the concurrency limits.
+        """
+        if self.open_sessions >= limits.max_connections:
+            return replies.TOO_MANY_CONNECTIONS
+        if self._per_address.get(address, 0) >= limits.max_connections_per_ip:
+            return replies.TOO_MANY_CONNECTIONS
+        if limits.connection_rate_per_ip:
+            recent = [t for t in self._recent.get(address, ()) if now - t < RATE_WINDOW_SECONDS]
+            if len(recent) >= limits.connection_rate_per_ip:
+                self._recent[address] = recent
+                return replies.TOO_MANY_CONNECTIONS
+            recent.append(now)
+            self._recent[address] = recent
+            if len(self._recent) > MAX_REMEMBERED_ADDRESSES:
+                self._forget_quiet_addresses(now)
+        return None
+
+    def started(self, address: str) -> None:
+        """A session from ``address`` began."""
+        self.open_sessions += 1
+        self._per_address[address] = self._per_address.get(address, 0) + 1
+
+    def ended(self, address: str) -> None:
+        """A session from ``address`` ended."""
+        self.open_sessions = max(0, self.open_sessions - 1)
+        left = self._per_address.get(address, 1) - 1
+        if left > 0:
+            self._per_address[address] = left
+        else:
+            self._per_address.pop(address, None)
+
+    def sessions_from(self, address: str) -> int:
+        """Open sessions from ``address``."""
+        return self._per_address.get(address, 0)
+
+    def _forget_quiet_addresses(self, now: float) -> None:
+        self._recent = {
+            address: times
+            for address, times in self._recent.items()
+            if times and now - times[-1] < RATE_WINDOW_SECONDS
+        }
