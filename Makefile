@@ -7,7 +7,8 @@ CONFIG ?=
 .PHONY: run test lint check-clean bench clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) \
+	  || (rm -rf $(VENV) && sh scripts/ensure-venv-support.sh $(PYTHON) && $(PYTHON) -m venv $(VENV))
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
 	# The twistd dropin is found through sys.path (Twisted scans twisted/plugins/ on it).
