@@ -10,11 +10,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.application.app import ServerOptions
-from twisted.logger import Logger, LogLevel, formatEvent
+from twisted.logger import Logger, LogLevel, formatEvent, formatEventAsClassicLogText
 from twisted.python.failure import Failure
 
 from twistedrelay.eventlog import (
     NAMESPACE,
+    RELAYED_EVENTS,
+    RELAYED_TEXT,
+    BatchFileLogObserver,
+    ClassicTextFormatter,
     MailLog,
     configure_twistd_logger,
     format_json_line,
@@ -219,20 +223,76 @@ def test_json_observer_writes_other_events_and_failures_too():
     assert "ZeroDivisionError" in second["traceback"]
 
 
-def test_configure_twistd_logger_installs_json_only_when_asked(tmp_path):
-    """format = "json" sets twistd's logger factory, honouring --logfile; "text" changes nothing."""
+def test_configure_twistd_logger_installs_json_when_asked(tmp_path):
+    """format = "json" sets twistd's logger factory to JSON lines, honouring --logfile."""
     options = ServerOptions()
     options["logfile"] = str(tmp_path / "relay.log")
-    configure_twistd_logger(options, "text")
-    assert options["logger"] is None
     configure_twistd_logger(options, "json")
     # twistd's own postOptions runs after the plugin's and imports --logger by dotted name.
     options.postOptions()
     observer = options["logger"]()
     Logger(namespace="t", observer=observer).info("hello {who}", who="ops")
-    observer._outFile.close()
+    observer._out.close()
     (line,) = (tmp_path / "relay.log").read_text().splitlines()
     assert json.loads(line)["text"] == "hello ops"
+
+
+def test_configure_twistd_logger_text_writes_twistds_format(tmp_path):
+    """format = "text" installs an observer writing exactly twistd's own classic lines."""
+    options = ServerOptions()
+    options["logfile"] = str(tmp_path / "relay.log")
+    configure_twistd_logger(options, "text")
+    options.postOptions()
+    observer = options["logger"]()
+    event = {
+        "log_format": "hello {who}",
+        "who": "ops",
+        "log_time": 1.5e9,
+        "log_namespace": "t",
+        "log_level": LogLevel.warn,
+    }
+    observer(event)
+    observer._out.close()
+    assert (tmp_path / "relay.log").read_text() == formatEventAsClassicLogText(event)
+
+
+def test_configure_twistd_logger_leaves_syslog_text_to_twistd():
+    """With --syslog, text mode keeps twistd's observer (it has no file to batch into)."""
+    options = ServerOptions()
+    options["syslog"] = True
+    configure_twistd_logger(options, "text")
+    assert options["logger"] is None
+
+
+def test_a_batch_of_relayed_events_is_one_line_each_in_one_write():
+    """RELAYED_EVENTS: every relayed event is its own classic line, written and flushed once."""
+    writes: list[str] = []
+
+    class Out(io.StringIO):
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+    observer = BatchFileLogObserver(Out(), ClassicTextFormatter())
+    relayed = [
+        {
+            "log_format": "worker {slot}: {line}",
+            "slot": 1,
+            "line": f"x{n}",
+            "log_time": 1.5e9 + n,
+            "log_namespace": "m",
+            "log_level": LogLevel.info,
+            RELAYED_TEXT: f"worker 1: x{n}",
+        }
+        for n in range(3)
+    ]
+    observer({"log_format": "batch", RELAYED_EVENTS: relayed, "log_time": 1.5e9})
+    (text,) = writes
+    expected = [
+        formatEventAsClassicLogText({k: v for k, v in e.items() if k != RELAYED_TEXT})
+        for e in relayed
+    ]
+    assert text.splitlines(keepends=True) == expected
 
 
 def test_a_workers_json_line_is_reemitted_with_its_structure():
