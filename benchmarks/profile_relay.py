@@ -221,7 +221,10 @@ def main() -> int:
             spy.wait(30)
         cpu = {pid: round(cpu_seconds(pid) - cpu_before[pid], 2) for pid in pids}
         io = {
-            pid: [round((a - b) / args.messages, 1) for a, b in zip(syscalls(pid), io_before[pid])]
+            pid: [
+                round((a - b) / args.messages, 1)
+                for a, b in zip(syscalls(pid), io_before[pid], strict=True)
+            ]
             for pid in pids
         }
         log_text = (work / "twistd.log").read_text("utf-8", "replace")
