@@ -126,6 +126,7 @@ def build_worker_service(
         maillog=maillog,
         metrics=metrics,
         on_queued=delivery.notify_queued,
+        new_claims=delivery,
         server_tls=server_tls,
         authenticator=authenticator,
     )

@@ -161,6 +161,46 @@ async def test_each_recipient_delivered_once_over_reused_connections(tmp_path: P
 
 
 @pytest_twisted.ensureDeferred
+async def test_mail_committed_claimed_is_delivered_and_released_when_stopping(
+    tmp_path: Path,
+) -> None:
+    """owner_for_new/claimed_new: an entry committed into active/w1/ is delivered and removed;
+    once stopping, the service declines new claims and gives a late one back to incoming/."""
+    sink = SinkServer(_reactor())
+    sink.start()
+    relay = Relay(tmp_path, {"routes": {"*": _route(sink)}})
+    relay.service.startService()
+
+    async def commit_claimed() -> Any:
+        message = relay.store.open_message()
+        message.write(_content(message.queue_id))
+        envelope = Envelope(
+            queue_id=message.queue_id,
+            sender=SENDER,
+            recipients=(Recipient("a@dest.test"),),
+            arrival_time=relay.reactor.seconds(),
+        )
+        owner = relay.service.owner_for_new() or "w1"
+        return await relay.store.commit_claimed(message, envelope, owner)
+
+    try:
+        assert relay.service.owner_for_new() == "w1"
+        entry = await commit_claimed()
+        relay.service.claimed_new(entry)
+        await sink.wait_for_messages(1, DEADLINE_SECONDS)
+        await _until(relay.queue_empty, "queue empty")
+        assert relay.deliveries(entry.queue_id, "sent")
+        await relay.service.stopService()
+        assert relay.service.owner_for_new() is None
+        late = await commit_claimed()
+        relay.service.claimed_new(late)
+        assert relay.store.scan_incoming() == [late.queue_id]
+    finally:
+        relay.store.close()
+        await sink.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_destination_concurrency_caps_connections(tmp_path: Path) -> None:
     """destination_concurrency=2 with a slow sink: never more than 2 connections at once."""
     sink = SinkServer(_reactor(), script=delay_at(Stage.MESSAGE, 0.2))

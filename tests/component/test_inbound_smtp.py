@@ -76,6 +76,45 @@ async def test_smtplib_message_is_queued_with_envelope(harness: Any) -> None:
     )
 
 
+class _Claims:
+    """A delivery side that takes new mail claimed at commit (as DeliveryService does)."""
+
+    def __init__(self, owner: str | None) -> None:
+        self.owner = owner
+        self.claimed: list[Any] = []
+
+    def owner_for_new(self) -> str | None:
+        return self.owner
+
+    def claimed_new(self, claimed: Any) -> None:
+        self.claimed.append(claimed)
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("owner", ["w0", None])
+async def test_new_mail_is_committed_claimed_when_delivery_takes_it(
+    harness: Any, owner: str | None
+) -> None:
+    """With new_claims, the 250'd entry is in active/<owner>/ with its envelope in hand,
+    never in incoming/; when delivery declines (None) it goes to incoming/ as before."""
+    claims = _Claims(owner)
+    harness.parts.new_claims = claims
+    await threads.deferToThread(
+        _send, harness.port, "alice@example.org", ["bob@example.net"], b"Subject: x\r\n\r\nhi\r\n"
+    )
+    if owner is None:
+        assert claims.claimed == [] and len(harness.queued) == 1
+        assert harness.store.counts()["incoming"] == 1
+        return
+    (entry,) = claims.claimed
+    assert harness.queued == []
+    assert harness.store.counts()["incoming"] == 0
+    assert os.listdir(harness.store.layout.active_directory("w0")) == [entry.queue_id]
+    envelope, content_size = read_entry_metadata(entry.path)
+    assert (envelope, content_size) == (entry.envelope, entry.content_size)
+    assert [r.address for r in entry.envelope.recipients] == ["bob@example.net"]
+
+
 @pytest_twisted.ensureDeferred
 async def test_pipelined_session_gets_ordered_replies(harness: Any) -> None:
     """Commands sent in one write are answered in order, one reply each."""

@@ -104,6 +104,29 @@ async def test_committed_message_is_in_incoming_with_envelope_and_body(store):
 
 
 @pytest_twisted.ensureDeferred
+async def test_commit_claimed_lands_in_active_as_claim_would_read_it(store):
+    """commit_claimed() puts the entry straight into active/<owner>/, never in incoming/,
+    and hands over the same entry claim() would read back; reclaim() returns it."""
+    message = store.open_message()
+    message.write(BODY)
+    envelope = _envelope(message.queue_id)
+    syncs_before = store.group_commit.directory_syncs
+    entry = await store.commit_claimed(message, envelope, "w3")
+    queue_id = message.queue_id
+    assert _names(store.layout.incoming) == []
+    assert _names(store.layout.active_directory("w3")) == [queue_id]
+    assert store.group_commit.directory_syncs > syncs_before  # the rename is durable
+    assert store.counts()["active"] == 1 and store.counts()["incoming"] == 0
+    assert entry.path == store.layout.active_path("w3", queue_id)
+    assert entry.owner == "w3" and entry.status == EntryStatus()
+    with entry.open_content() as content:
+        assert content.read() == BODY
+    assert store.reclaim("w3") == 1
+    read_back = store.claim(queue_id, "w3", "incoming")
+    assert read_back == entry
+
+
+@pytest_twisted.ensureDeferred
 async def test_envelope_is_a_json_line_before_a_fixed_footer(store):
     """The file is content, one JSON line, then the 34-byte footer naming both sizes."""
     message = store.open_message()

@@ -176,6 +176,24 @@ class DeliveryService(Service):
             self._claim(queue_id, "incoming", "new")
             self._pump()
 
+    def owner_for_new(self) -> str | None:
+        """Where this worker's inbound commits a new message (active/<owner>/), claimed at once.
+
+        :returns: this worker's owner name, or None while it takes no new claims (stopping,
+            or CLAIM_WINDOW entries active): the message then goes to incoming/.
+        """
+        if self._stopping or len(self.active) >= CLAIM_WINDOW:
+            return None
+        return self.owner
+
+    def claimed_new(self, claimed: ClaimedEntry) -> None:
+        """Deliver an entry this worker committed straight into active/<owner>/."""
+        if self._stopping:
+            self.store.release(claimed)  # back to incoming/ for whoever delivers next
+            return
+        self._schedule(claimed, "new")
+        self._pump()
+
     def scan_queue(self) -> None:
         """Claim what other processes queued, and deferred entries whose time has come."""
         if self._stopping:

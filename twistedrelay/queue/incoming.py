@@ -23,7 +23,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from twistedrelay.queue.entry import Envelope
-from twistedrelay.queue.layout import HOLD, INCOMING, QueueLayout
+from twistedrelay.queue.layout import ACTIVE, HOLD, INCOMING, QueueLayout
 from twistedrelay.smtp import replies
 from twistedrelay.smtp.replies import Reply
 
@@ -218,7 +218,9 @@ class IncomingMessage:
         parts.extend(self._chunks)
         return b"".join(parts)
 
-    def commit(self, envelope: Envelope, state: str = INCOMING) -> Deferred[None]:
+    def commit(
+        self, envelope: Envelope, state: str = INCOMING, claimed_path: str | None = None
+    ) -> Deferred[None]:
         """Make the message durable in ``state`` (incoming or hold).
 
         In a pool thread, batched with other sessions' commits: append the rest of the
@@ -227,16 +229,21 @@ class IncomingMessage:
 
         :param envelope: the message's envelope; its queue_id must be this message's.
         :param state: ``"incoming"`` (deliver) or ``"hold"`` (a data hook said hold).
+        :param claimed_path: with ``"incoming"``: commit straight into this path in
+            active/<owner>/ instead (QueueStore.commit_claimed), already claimed by the
+            committing worker; a crash leaves it there for the master to return to incoming/.
         :returns: fires with None once the entry is durable; only then may the server
             reply 250. Errbacks with QueueWriteError (the partial file is removed).
         :raises RuntimeError: commit() or discard() was already called.
         :raises ValueError: ``state`` is not incoming or hold, or the envelope belongs to
-            another queue ID.
+            another queue ID, or ``claimed_path`` comes with hold.
         """
         if self._state is not _OPEN:
             raise RuntimeError(f"commit() on a {self._state} queue message")
         if state not in (INCOMING, HOLD):
             raise ValueError(f"a new message can only be queued to incoming or hold: {state!r}")
+        if claimed_path is not None and state != INCOMING:
+            raise ValueError(f"only incoming mail can be committed as claimed, not {state!r}")
         if envelope.queue_id != self.queue_id:
             raise ValueError(f"envelope of {envelope.queue_id} committed as {self.queue_id}")
         self._state = _COMMITTED
@@ -244,8 +251,11 @@ class IncomingMessage:
         chunks = self._take_chunks()
         chunks.append(trailer + FOOTER_FORMAT % (len(trailer), self._size))
         data = b"".join(chunks)
-        directory = self._layout.state_directory(state)
-        destination = os.path.join(directory, self.queue_id)
+        if claimed_path is None:
+            directory = self._layout.state_directory(state)
+            destination = os.path.join(directory, self.queue_id)
+        else:
+            directory, destination, state = os.path.dirname(claimed_path), claimed_path, ACTIVE
 
         def finish(_: None) -> Deferred[None]:
             if self._error is not None:

@@ -310,6 +310,28 @@ class QueueStore:
             self._after_commit,
         )
 
+    def commit_claimed(
+        self, message: IncomingMessage, envelope: Envelope, owner: str
+    ) -> Deferred[ClaimedEntry]:
+        """Commit a new message straight into active/<owner>/, claimed by the committing worker.
+
+        Durable as :meth:`IncomingMessage.commit` into incoming/ is (the batch's directory
+        fsync covers active/<owner>/), but the entry never shows in incoming/ (no other
+        worker's scan sees it) and costs no claim: no rename, no read-back of its metadata.
+        If the worker dies, the master returns active/<owner>/ to incoming/ as for any claim.
+
+        :param owner: the worker slot committing (e.g. "w0"); it delivers the entry.
+        :returns: fires with the claimed entry (its envelope as written, no status yet) once
+            durable; errbacks as commit() does.
+        """
+        destination = self._active_path(owner, message.queue_id)
+        committed = message.commit(envelope, INCOMING, claimed_path=destination)
+        return committed.addCallback(
+            lambda _: ClaimedEntry(
+                message.queue_id, owner, destination, envelope, EntryStatus(), message.size
+            )
+        )
+
     def _after_commit(self, committed: Deferred[None], queue_id: str, state: str) -> Deferred[None]:
         """Tell the observers about a durable entry, or log and map a failed commit."""
 

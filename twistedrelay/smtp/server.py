@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from typing import Any
+from typing import Protocol as TypingProtocol
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
@@ -49,7 +50,7 @@ from twistedrelay.metrics import RelayMetrics
 from twistedrelay.policy import RelayPolicy
 from twistedrelay.queue.entry import Envelope, Recipient
 from twistedrelay.queue.incoming import IncomingMessage, QueueWriteError
-from twistedrelay.queue.store import QueueStore
+from twistedrelay.queue.store import ClaimedEntry, QueueStore
 from twistedrelay.smtp import replies
 from twistedrelay.smtp.addresses import domain_of
 from twistedrelay.smtp.admission import Admission
@@ -84,12 +85,24 @@ HELD_INPUT_LIMIT = 64 * 1024
 LOOPBACK_PREFIXES = ("127.", "::1", "::ffff:127.")
 
 
+class NewClaims(TypingProtocol):
+    """The delivery side that takes new mail claimed at commit (DeliveryService)."""
+
+    def owner_for_new(self) -> str | None:
+        """The owner to commit new mail to in active/, or None (commit to incoming/)."""
+
+    def claimed_new(self, claimed: ClaimedEntry) -> None:
+        """Deliver an entry committed into active/<owner>/."""
+
+
 @dataclass
 class InboundParts:
     """The collaborators every inbound session of one worker shares (built by app.py).
 
     ``on_queued(queue_id)`` tells the delivery side of this worker that an entry is durable
-    in ``incoming/``, so it is claimed at once instead of at the next queue scan.
+    in ``incoming/``, so it is claimed at once instead of at the next queue scan. With
+    ``new_claims`` (the worker's delivery), new mail is committed straight into
+    ``active/<owner>/`` and handed over claimed instead (no rename, no read-back).
     """
 
     config: Config
@@ -100,6 +113,7 @@ class InboundParts:
     maillog: MailLog
     metrics: RelayMetrics
     on_queued: Callable[[str], None]
+    new_claims: NewClaims | None = None
     server_tls: ServerTLS | None = None
     authenticator: Authenticator | None = None
     throttle: LoginThrottle = field(default_factory=LoginThrottle)
@@ -507,15 +521,21 @@ class SMTPServerProtocol(Protocol):
     ) -> defer.Deferred[Reply]:
         envelope = self._envelope(queue_id, added, dropped)
         size = message.size
+        new_claims = self.parts.new_claims
+        owner = None
+        if new_claims is not None and state == "incoming":
+            owner = new_claims.owner_for_new()
 
-        def durable(_: object) -> Reply:
+        def durable(claimed: ClaimedEntry | None) -> Reply:
             self._message = None
             self._messages_queued += 1
             self.parts.metrics.message_received(size)
             self.parts.maillog.queued(
                 queue_id, envelope.sender, size, len(envelope.recipients), self.client_address
             )
-            if state == "incoming":
+            if claimed is not None and new_claims is not None:
+                new_claims.claimed_new(claimed)
+            elif state == "incoming":
                 self.parts.on_queued(queue_id)
             else:
                 self.parts.maillog.held(queue_id, hold_reason or "data hook")
@@ -534,7 +554,11 @@ class SMTPServerProtocol(Protocol):
                 return failure.value.reply  # type: ignore[union-attr, no-any-return]
             return self._internal_error(failure)
 
-        return message.commit(envelope, state).addCallbacks(durable, failed)
+        if owner is None:
+            return message.commit(envelope, state).addCallbacks(lambda _: durable(None), failed)
+        return self.parts.store.commit_claimed(message, envelope, owner).addCallbacks(
+            durable, failed
+        )
 
     def _envelope(
         self,
