@@ -9,13 +9,30 @@ the config at each decision, so a reload applies to the next connection.
 
 from __future__ import annotations
 
-from twistedrelay.config import SMTPConfig
+from typing import Protocol
+
 from twistedrelay.smtp import replies
 from twistedrelay.smtp.replies import Reply
 
 RATE_WINDOW_SECONDS = 60.0
 #: Beyond this many remembered addresses, forget the ones with no recent connection.
 MAX_REMEMBERED_ADDRESSES = 100_000
+
+
+class ConnectionLimits(Protocol):
+    """The limits Admission reads ([smtp] in config.py), structurally, to stay pure."""
+
+    @property
+    def max_connections(self) -> int:
+        """Sessions one worker serves at once."""
+
+    @property
+    def max_connections_per_ip(self) -> int:
+        """Sessions one client address may hold at once."""
+
+    @property
+    def connection_rate_per_ip(self) -> int:
+        """New connections per minute from one address (0: no limit)."""
 
 
 class Admission:
@@ -26,7 +43,7 @@ class Admission:
         self._per_address: dict[str, int] = {}
         self._recent: dict[str, list[float]] = {}
 
-    def refusal_for(self, address: str, now: float, limits: SMTPConfig) -> Reply | None:
+    def refusal_for(self, address: str, now: float, limits: ConnectionLimits) -> Reply | None:
         """None when a connection from ``address`` may start a session now, else the 421.
 
         A connection that is admitted counts toward the rate at once; call started() and
