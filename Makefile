@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?=
+# Options for benchmarks/run.py, e.g. make bench BENCH_ARGS='--repeat 3 --messages 3000'.
+BENCH_ARGS ?=
 
 .PHONY: run test lint check-clean bench clean
 
@@ -30,7 +32,7 @@ test: $(BIN)/.installed lint
 	$(BIN)/pytest
 
 bench: $(BIN)/.installed
-	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info var
