@@ -123,7 +123,35 @@ async def test_commit_claimed_lands_in_active_as_claim_would_read_it(store):
         assert content.read() == BODY
     assert store.reclaim("w3") == 1
     read_back = store.claim(queue_id, "w3", "incoming")
-    assert read_back == entry
+    assert read_back is not None
+    assert (read_back.path, read_back.envelope, read_back.content_size, read_back.status) == (
+        entry.path,
+        entry.envelope,
+        entry.content_size,
+        entry.status,
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_completing_a_committed_claim_unlinks_only_the_entry(queue_dir):
+    """A new queue ID has no sidecar: completion makes one unlink, not a second that fails."""
+    removed: list[str] = []
+
+    class Counting(FileSystem):
+        def remove(self, path: str) -> None:
+            removed.append(path)
+            super().remove(path)
+
+    store = _open_store(queue_dir, Counting())
+    try:
+        message = store.open_message()
+        message.write(BODY)
+        entry = await store.commit_claimed(message, _envelope(message.queue_id), "w0")
+        store.complete(entry)
+        assert removed == [entry.path]
+        assert store.counts()["active"] == 0
+    finally:
+        store.close()
 
 
 @pytest_twisted.ensureDeferred

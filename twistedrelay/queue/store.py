@@ -167,6 +167,8 @@ class ClaimedEntry:
     """A queue entry that one owner has claimed (it lives in active/<owner>/).
 
     ``status`` is the delivery status so far (empty when no sidecar exists yet).
+    ``may_have_sidecar`` is False only for an entry committed claimed (a new queue ID has
+    no sidecar), so completing it skips the unlink of a sidecar that cannot exist.
     """
 
     queue_id: str
@@ -175,6 +177,7 @@ class ClaimedEntry:
     envelope: Envelope
     status: EntryStatus
     content_size: int
+    may_have_sidecar: bool = True
 
     def open_content(self) -> io.BufferedReader:
         """Open the message content for reading, from its first byte to content_size.
@@ -328,7 +331,13 @@ class QueueStore:
         committed = message.commit(envelope, INCOMING, claimed_path=destination)
         return committed.addCallback(
             lambda _: ClaimedEntry(
-                message.queue_id, owner, destination, envelope, EntryStatus(), message.size
+                message.queue_id,
+                owner,
+                destination,
+                envelope,
+                EntryStatus(),
+                message.size,
+                may_have_sidecar=False,
             )
         )
 
@@ -447,7 +456,8 @@ class QueueStore:
         never an entry without its status.
         """
         self._fs.remove(entry.path)
-        self._fs.remove(self.layout.status_path(entry.queue_id))
+        if entry.may_have_sidecar:
+            self._fs.remove(self.layout.status_path(entry.queue_id))
 
     def complete_later(self, entry: ClaimedEntry) -> Deferred[None]:
         """complete() in a pool thread, batched with the completions that arrive meanwhile.
