@@ -9,11 +9,9 @@ from __future__ import annotations
 import email
 import email.policy
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import pytest_twisted
 from twisted.internet.task import deferLater
 from twisted.logger import LogEvent, Logger
@@ -27,6 +25,7 @@ from twistedrelay.queue.entry import Envelope, Recipient
 from twistedrelay.queue.store import QueueStore
 from twistedrelay.testing.dns_server import DNSTestServer
 from twistedrelay.testing.sink import SinkServer, Stage, delay_at, tempfail_times
+from twistedrelay.testing.waiting import wait_until
 
 DEADLINE_SECONDS = 10.0
 SENDER = "alice@sender.test"
@@ -118,16 +117,6 @@ def _content(tag: str) -> bytes:
     return f"Subject: test {tag}\r\nMessage-ID: <{tag}@sender.test>\r\n\r\nbody {tag}\r\n".encode()
 
 
-async def _until(condition: Callable[[], bool], what: str) -> None:
-    """Poll ``condition`` every 20 ms until it holds; fail after DEADLINE_SECONDS."""
-    reactor = _reactor()
-    deadline = reactor.seconds() + DEADLINE_SECONDS
-    while not condition():
-        if reactor.seconds() > deadline:
-            pytest.fail(f"timed out waiting for: {what}")
-        await deferLater(reactor, 0.02, lambda: None)
-
-
 def _route(sink: SinkServer) -> str:
     return f"[127.0.0.1]:{sink.port}"
 
@@ -147,7 +136,7 @@ async def test_each_recipient_delivered_once_over_reused_connections(tmp_path: P
     try:
         queued = [await relay.queue(["a@dest.test", "b@dest.test"]) for _ in range(20)]
         await sink.wait_for_messages(20, DEADLINE_SECONDS)
-        await _until(relay.queue_empty, "queue empty")
+        await wait_until(_reactor(), relay.queue_empty, "queue empty")
         assert len(sink.messages) == 20
         assert sink.stats.transactions == 20
         for message in sink.messages:
@@ -188,7 +177,7 @@ async def test_mail_committed_claimed_is_delivered_and_released_when_stopping(
         entry = await commit_claimed()
         relay.service.claimed_new(entry)
         await sink.wait_for_messages(1, DEADLINE_SECONDS)
-        await _until(relay.queue_empty, "queue empty")
+        await wait_until(_reactor(), relay.queue_empty, "queue empty")
         assert relay.deliveries(entry.queue_id, "sent")
         await relay.service.stopService()
         assert relay.service.owner_for_new() is None
@@ -211,7 +200,7 @@ async def test_destination_concurrency_caps_connections(tmp_path: Path) -> None:
         for _ in range(10):
             await relay.queue(["a@dest.test"])
         await sink.wait_for_messages(10, DEADLINE_SECONDS)
-        await _until(relay.queue_empty, "queue empty")
+        await wait_until(_reactor(), relay.queue_empty, "queue empty")
         # The window grew to the cap (slow start) and never beyond it.
         assert sink.stats.connections_max_concurrent == 2
         assert len(sink.messages) == 10
@@ -229,13 +218,15 @@ async def test_tempfail_is_deferred_then_delivered_once(tmp_path: Path) -> None:
     relay.service.startService()
     try:
         queue_id = await relay.queue(["a@dest.test"])
-        await _until(lambda: relay.store.counts()["deferred"] == 1, "entry deferred")
+        await wait_until(
+            _reactor(), lambda: relay.store.counts()["deferred"] == 1, "entry deferred"
+        )
         ((deferred_id, next_attempt_at),) = relay.store.scan_deferred()
         assert deferred_id == queue_id
         assert next_attempt_at > relay.reactor.seconds()
         assert sink.messages == []
         await sink.wait_for_messages(1, DEADLINE_SECONDS)
-        await _until(relay.queue_empty, "queue empty")
+        await wait_until(_reactor(), relay.queue_empty, "queue empty")
         assert len(sink.messages) == 1
         assert sink.stats.refusals.get(451) == 1
         log = relay.mail_log()
@@ -256,7 +247,7 @@ async def test_rejected_recipient_gets_dsn_and_bounce_gets_none(tmp_path: Path) 
     try:
         queue_id = await relay.queue(["ok@dest.test", "reject-me@dest.test"])
         messages = await sink.wait_for_messages(2, DEADLINE_SECONDS)
-        await _until(relay.queue_empty, "queue empty")
+        await wait_until(_reactor(), relay.queue_empty, "queue empty")
         original, dsn = sorted(messages, key=lambda m: m.sender == b"")
         assert original.recipients == (b"ok@dest.test",)
         assert dsn.sender == b""
@@ -277,13 +268,14 @@ async def test_rejected_recipient_gets_dsn_and_bounce_gets_none(tmp_path: Path) 
         # The null sender: bounced, no DSN (RFC 5321 §4.5.5).
         before = len(sink.messages)
         bounce_id = await relay.queue(["reject-again@dest.test"], sender="")
-        await _until(
+        await wait_until(
+            _reactor(),
             lambda: any(
                 f"{bounce_id}: " in line and "status=bounced" in line for line in relay.mail_log()
             ),
             "null-sender message bounced",
         )
-        await _until(relay.queue_empty, "queue empty")
+        await wait_until(_reactor(), relay.queue_empty, "queue empty")
         await deferLater(relay.reactor, 0.3, lambda: None)
         assert len(sink.messages) == before
         assert not any(
@@ -325,7 +317,8 @@ async def test_null_mx_and_nxdomain_bounce_and_mx_failover(tmp_path: Path) -> No
     relay.service.startService()
     try:
         null_id = await relay.queue(["x@nullmx.test"])
-        await _until(
+        await wait_until(
+            _reactor(),
             lambda: relay.deliveries(null_id, "bounced"),
             "null MX bounced",
         )
@@ -338,7 +331,8 @@ async def test_null_mx_and_nxdomain_bounce_and_mx_failover(tmp_path: Path) -> No
         assert sink.stats.connections_total == 1
 
         nx_id = await relay.queue(["x@nowhere.test"])
-        await _until(
+        await wait_until(
+            _reactor(),
             lambda: relay.deliveries(nx_id, "bounced"),
             "NXDOMAIN bounced",
         )
@@ -350,13 +344,14 @@ async def test_null_mx_and_nxdomain_bounce_and_mx_failover(tmp_path: Path) -> No
         failover_id = await relay.queue(["x@failover.test"])
         messages = await sink.wait_for_messages(3, DEADLINE_SECONDS)
         assert messages[2].recipients == (b"x@failover.test",)
-        await _until(
+        await wait_until(
+            _reactor(),
             lambda: relay.deliveries(failover_id),
             "failover delivery logged",
         )
         (line,) = relay.deliveries(failover_id)
         assert "status=sent" in line and "mx2.failover.test" in line
-        await _until(relay.queue_empty, "queue empty")
+        await wait_until(_reactor(), relay.queue_empty, "queue empty")
     finally:
         await relay.stop()
         await dns.stop()
@@ -375,14 +370,16 @@ async def test_three_domains_share_one_entry(tmp_path: Path) -> None:
     relay.service.startService()
     try:
         queue_id = await relay.queue(["a@d1.test", "b@d2.test", "c@d3.test"])
-        await _until(lambda: all(s.stats.transactions for s in sinks), "three transactions")
+        await wait_until(
+            _reactor(), lambda: all(s.stats.transactions for s in sinks), "three transactions"
+        )
         # While the three jobs run, the body is stored once.
         entry_files = [f for _, _, files in os.walk(relay.config.queue.directory) for f in files]
         assert [f for f in entry_files if queue_id in f] == [queue_id]
         for sink, address in zip(sinks, [b"a@d1.test", b"b@d2.test", b"c@d3.test"], strict=True):
             (message,) = await sink.wait_for_messages(1, DEADLINE_SECONDS)
             assert message.recipients == (address,)
-        await _until(relay.queue_empty, "queue empty")
+        await wait_until(_reactor(), relay.queue_empty, "queue empty")
         await deferLater(reactor, 0.3, lambda: None)
         assert [len(s.messages) for s in sinks] == [1, 1, 1]
     finally:
@@ -419,7 +416,7 @@ async def test_leading_dots_at_chunk_boundaries_arrive_intact(tmp_path: Path) ->
         await relay.queue(["a@dest.test"], bytes(content))
         (message,) = await sink.wait_for_messages(1, DEADLINE_SECONDS)
         assert message.content == bytes(content)
-        await _until(relay.queue_empty, "queue empty")
+        await wait_until(_reactor(), relay.queue_empty, "queue empty")
     finally:
         await relay.stop()
         await sink.stop()

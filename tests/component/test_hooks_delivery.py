@@ -24,7 +24,6 @@ import pytest_twisted
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.internet import defer, threads
-from twisted.internet.task import deferLater
 
 from twistedrelay.delivery.service import DeliveryService, build_delivery_service
 from twistedrelay.hooks import Decision, DeliverContext, HookRunner, Plugin
@@ -33,6 +32,7 @@ from twistedrelay.smtp.replies import Reply
 from twistedrelay.testing.dns_server import DNSTestServer
 from twistedrelay.testing.inbound import InboundHarness
 from twistedrelay.testing.sink import SinkServer
+from twistedrelay.testing.waiting import wait_until
 
 DEADLINE_SECONDS = 10.0
 SENDER = "alice@example.org"
@@ -138,16 +138,6 @@ def sink():
     pytest_twisted.blockon(defer.ensureDeferred(server.stop()))
 
 
-async def _until(condition: Callable[[], Any], what: str) -> None:
-    """Poll ``condition`` every 20 ms until it holds; fail after DEADLINE_SECONDS."""
-    reactor = _reactor()
-    deadline = reactor.seconds() + DEADLINE_SECONDS
-    while not condition():
-        if reactor.seconds() > deadline:
-            pytest.fail(f"timed out waiting for: {what}")
-        await deferLater(reactor, 0.02, lambda: None)
-
-
 def _closed_route() -> str:
     """A next hop on loopback where nothing listens (connections are refused)."""
     with socket.socket() as sock:
@@ -178,7 +168,7 @@ async def test_a_deliver_tempfail_defers_the_batch_with_its_reply_and_names_the_
     relays.append(relay)
     assert await relay.send() == {}
     store = relay.inbound.store
-    await _until(lambda: store.counts()["deferred"] == 1, "the entry deferred")
+    await wait_until(_reactor(), lambda: store.counts()["deferred"] == 1, "the entry deferred")
     assert sink.messages == []
     (ctx,) = seen
     (queue_id,) = relay.inbound.queued
@@ -203,7 +193,9 @@ async def test_a_deliver_reroute_delivers_the_batch_via_the_new_next_hop(tmp_pat
     assert await relay.send() == {}
     (message,) = await sink.wait_for_messages(1, DEADLINE_SECONDS)
     assert list(message.recipients) == [b"bob@example.net"]
-    await _until(lambda: not any(relay.inbound.store.counts().values()), "the queue empty")
+    await wait_until(
+        _reactor(), lambda: not any(relay.inbound.store.counts().values()), "the queue empty"
+    )
     (queue_id,) = relay.inbound.queued
     assert any(
         line.startswith(f"{queue_id}: to=") and f"relay=127.0.0.1[127.0.0.1]:{sink.port}" in line

@@ -13,21 +13,13 @@ from twisted.internet.task import deferLater
 from twistedrelay.hooks import Decision, HookRunner, Plugin
 from twistedrelay.smtp.server import HELD_INPUT_LIMIT
 from twistedrelay.testing.inbound import InboundHarness
+from twistedrelay.testing.waiting import wait_until
 
 
 def _reactor() -> Any:
     from twisted.internet import reactor
 
     return reactor
-
-
-async def _until(condition: Any, what: str) -> None:
-    """Poll ``condition`` on the reactor for at most 5 seconds."""
-    for _ in range(250):
-        if condition():
-            return
-        await deferLater(_reactor(), 0.02, lambda: None)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest_twisted.ensureDeferred
@@ -50,7 +42,7 @@ async def test_reading_pauses_only_once_held_input_passes_the_bound(tmp_path: Pa
         await threads.deferToThread(
             client.sendall, b"EHLO c.example\r\nMAIL FROM:<a@b.example>\r\n"
         )
-        await _until(lambda: asked, "the mail hook")
+        await wait_until(_reactor(), lambda: asked, "the mail hook")
         (session,) = harness.service.factories["smtp"].sessions
         readers = _reactor().getReaders
 
@@ -61,10 +53,10 @@ async def test_reading_pauses_only_once_held_input_passes_the_bound(tmp_path: Pa
 
         flood = b"NOOP " + b"x" * 500 + b"\r\n"
         await threads.deferToThread(client.sendall, flood * (2 * HELD_INPUT_LIMIT // len(flood)))
-        await _until(lambda: session.transport not in readers(), "reading to pause")
+        await wait_until(_reactor(), lambda: session.transport not in readers(), "reading to pause")
 
         gate.callback(None)
-        await _until(lambda: session.transport in readers(), "reading to resume")
+        await wait_until(_reactor(), lambda: session.transport in readers(), "reading to resume")
     finally:
         client.close()
         await harness.stop()

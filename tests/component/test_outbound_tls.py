@@ -8,14 +8,12 @@ certificates name as an IP SAN.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
 from OpenSSL import SSL
-from twisted.internet.task import deferLater
 from twisted.logger import LogEvent, Logger
 
 from twistedrelay.bench.sink_server import SinkTLS
@@ -28,6 +26,7 @@ from twistedrelay.queue.entry import Envelope, Recipient
 from twistedrelay.queue.store import QueueStore
 from twistedrelay.testing.certs import TestCertificates, make_test_certificates
 from twistedrelay.testing.sink import SinkServer, load_tls_options
+from twistedrelay.testing.waiting import wait_until
 
 DEADLINE_SECONDS = 10.0
 
@@ -104,7 +103,7 @@ class Relay:
             ]
             return lines[0] if lines else None
 
-        await _until(lambda: line() is not None, f"a delivery line for {queue_id}")
+        await wait_until(_reactor(), lambda: line() is not None, f"a delivery line for {queue_id}")
         found = line()
         assert found is not None
         return found
@@ -112,15 +111,6 @@ class Relay:
     async def stop(self) -> None:
         await self.service.stopService()
         self.store.close()
-
-
-async def _until(condition: Callable[[], bool], what: str) -> None:
-    reactor = _reactor()
-    deadline = reactor.seconds() + DEADLINE_SECONDS
-    while not condition():
-        if reactor.seconds() > deadline:
-            pytest.fail(f"timed out waiting for: {what}")
-        await deferLater(reactor, 0.02, lambda: None)
 
 
 async def _deliver_once(
