@@ -14,6 +14,7 @@ from twisted.internet.defer import gatherResults
 from twistedrelay.queue.entry import DEFERRED, DELIVERED, EntryStatus, Envelope, Recipient
 from twistedrelay.queue.incoming import FOOTER_SIZE, SPILL_BYTES, FileSystem
 from twistedrelay.queue.store import QueueStore
+from twistedrelay.testing.waiting import wait_until
 
 BODY = (
     b"Received: from client.example.org by relay.example.test\r\n"
@@ -69,14 +70,11 @@ def _names(directory):
     return sorted(os.listdir(directory))
 
 
-async def _until(condition, timeout_seconds=10.0):
+async def _until(condition):
     """Wait on the reactor until condition() is true, failing after the deadline."""
-    from twisted.internet import reactor, task
+    from twisted.internet import reactor
 
-    deadline = time.monotonic() + timeout_seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await task.deferLater(reactor, 0.005, lambda: None)
+    await wait_until(reactor, condition, "the queue files", interval_seconds=0.005)
 
 
 # The accept path
