@@ -22,7 +22,7 @@ from twistedrelay.auth import Authenticator, UsersFile
 from twistedrelay.config import Config, ConfigError, load_config
 from twistedrelay.delivery.service import DeliveryService, build_delivery_service
 from twistedrelay.eventlog import MailLog, configure_twistd_logger
-from twistedrelay.hooks import load_plugins, plugin_state_directory
+from twistedrelay.hooks import load_plugins, plugin_state_directory, validate_plugins
 from twistedrelay.metrics import RelayMetrics
 from twistedrelay.metrics_http import metrics_service_factory
 from twistedrelay.policy import RelayPolicy
@@ -46,6 +46,7 @@ class Options(usage.Options):
         # Check the config before twistd binds anything or daemonizes: errors name the key.
         try:
             self["relay_config"] = load_config(self["config"])
+            validate_plugins(self["relay_config"].plugins, self["relay_config"].source)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
         if self.parent is not None:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 from twistedrelay import __version__
 from twistedrelay.config import ConfigError, load_config
+from twistedrelay.hooks import validate_plugins
 
 USAGE = """\
 usage: twistedrelay [--version] COMMAND [ARGS...]
@@ -46,6 +47,7 @@ def check_config_main(argv: Sequence[str]) -> int:
         return 2
     try:
         config = load_config(argv[0])
+        validate_plugins(config.plugins, config.source)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 1

@@ -22,6 +22,7 @@ import importlib.metadata
 import inspect
 import re
 import sys
+import tempfile
 import types
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -842,3 +843,18 @@ def plugins_main(argv: list[str]) -> int:
     finally:
         runner.close()
     return 0
+
+
+def validate_plugins(plugins: PluginsConfig, source: str) -> None:
+    """Set the enabled plugins up once and close them again, to check their settings.
+
+    Used by ``check-config`` and by twistd before anything binds, so a bad plugin setting
+    stops start-up with one line naming the key instead of a worker crash loop. Plugins
+    get a throwaway state directory: checking leaves no file behind.
+
+    :raises ConfigError: an unknown plugin, an unknown or bad setting.
+    """
+    from twisted.internet.task import Clock
+
+    with tempfile.TemporaryDirectory(prefix="twistedrelay-check-") as state:
+        load_plugins(plugins, Clock(), source, state_directory=Path(state)).close()
