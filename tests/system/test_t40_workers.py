@@ -44,26 +44,31 @@ MESSAGE_ID_RE = re.compile(rb"^Message-ID: (<[^>\r\n]*>)\r?$", re.MULTILINE | re
 DELIVERY_TIMEOUT_SECONDS = 40.0
 
 
+def _load_argv(port: int, messages: int, connections: int, timeout: float) -> list[str]:
+    """``twistedrelay bench send`` of 1 KiB messages to the relay, reporting JSON."""
+    return [
+        sys.executable,
+        "-m",
+        "twistedrelay.bench.send",
+        "--target",
+        f"127.0.0.1:{port}",
+        "--messages",
+        str(messages),
+        "--connections",
+        str(connections),
+        "--size",
+        "1024",
+        "--timeout",
+        str(timeout),
+        "--json",
+        "--quiet",
+    ]
+
+
 def _send_load(port: int, messages: int, connections: int, timeout: float = 40.0) -> dict:
-    """Run ``twistedrelay bench send`` (1 KiB messages) to the relay; its JSON report."""
+    """Run the load to the end; its JSON report."""
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "twistedrelay.bench.send",
-            "--target",
-            f"127.0.0.1:{port}",
-            "--messages",
-            str(messages),
-            "--connections",
-            str(connections),
-            "--size",
-            "1024",
-            "--timeout",
-            str(timeout),
-            "--json",
-            "--quiet",
-        ],
+        _load_argv(port, messages, connections, timeout),
         capture_output=True,
         text=True,
         timeout=timeout + 10,
@@ -74,24 +79,10 @@ def _send_load(port: int, messages: int, connections: int, timeout: float = 40.0
 
 
 def _start_load(port: int, messages: int, connections: int, log: Path) -> subprocess.Popen:
-    """``bench send`` in the background; its JSON report goes to ``log``."""
+    """The load in the background; its JSON report goes to ``log``."""
     with open(log, "wb") as output:
         return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "twistedrelay.bench.send",
-                "--target",
-                f"127.0.0.1:{port}",
-                "--messages",
-                str(messages),
-                "--connections",
-                str(connections),
-                "--timeout",
-                "40",
-                "--json",
-                "--quiet",
-            ],
+            _load_argv(port, messages, connections, 40.0),
             stdout=output,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
