@@ -246,9 +246,8 @@ class DeliveryService(Service):
     def _refuse(self, job: Job[JobPayload]) -> None:
         """A job of a dead destination: its recipients are deferred with the last error."""
         payload = job.payload
-        outcome = self.last_failure.get(job.destination) or classify_dns_failure(
-            _BackingOff(job.destination)
-        )
+        # A destination turns dead only in finished() after a failure recorded just before.
+        outcome = self.last_failure[job.destination]
         for recipient in payload.recipients:
             self._record(payload.entry, recipient, outcome, "none")
         self._job_done(payload.entry)
@@ -324,6 +323,8 @@ class DeliveryService(Service):
         finally:
             if failure is not None:
                 self.last_failure[job.destination] = failure
+            else:
+                self.last_failure.pop(job.destination, None)
             self.scheduler.finished(job, failure is None, self.reactor.seconds())
             self._job_done(entry)
             self._pump()
@@ -527,15 +528,6 @@ def _hook_outcome(decision: Decision, ctx: DeliverContext) -> Outcome:
     if ctx.results:
         note += f": {ctx.results.format()}"
     return replace(outcome, diagnostic=f"{outcome.diagnostic} ({note})")
-
-
-@dataclass(frozen=True, slots=True)
-class _BackingOff:
-    """A DNS-failure-shaped reason for jobs of a dead destination with no recorded error."""
-
-    name: str
-    kind: str = "temporary"
-    detail: str = "destination is backing off after connection failures"
 
 
 def concurrency_share(config: Config) -> int:
