@@ -49,6 +49,8 @@ from twistedrelay.routing import Destination, is_ip_address
 
 DEFAULT_TIMEOUT_SECONDS = 10.0
 DEFAULT_NEGATIVE_TTL_SECONDS = 60.0
+#: Answers kept at most; a relay sending to many domains forgets expired ones first.
+MAX_CACHE_ENTRIES = 50_000
 
 T = TypeVar("T")
 
@@ -425,8 +427,17 @@ class Resolver:
         ttl = float(chain.minimum_ttl)
         if not records:
             ttl = min(ttl, self._negative_ttl)
+        if len(self._cache) >= MAX_CACHE_ENTRIES:
+            self._shrink_cache(now)
         self._cache[key] = _Cached(self._clock() + ttl, records)
         return records
+
+    def _shrink_cache(self, now: float) -> None:
+        """Drop expired answers; if still full, the oldest half (dicts keep insertion order)."""
+        self._cache = {k: v for k, v in self._cache.items() if v.expires_at > now}
+        if len(self._cache) >= MAX_CACHE_ENTRIES:
+            keep = list(self._cache.items())[len(self._cache) // 2 :]
+            self._cache = dict(keep)
 
     async def _ask(self, name: str, rdtype: dns.rdatatype.RdataType) -> dns.message.QueryMessage:
         """Query the nameservers in turn until one answers NOERROR or NXDOMAIN."""

@@ -276,3 +276,25 @@ async def test_dns_server_runs_as_a_subprocess_from_a_zone_file(tmp_path):
     finally:
         process.kill()
         process.wait(timeout=10)
+
+
+def test_cache_stays_bounded_dropping_expired_answers_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past MAX_CACHE_ENTRIES, expired answers go first, then the oldest half."""
+    from twisted.internet import reactor
+
+    from twistedrelay import resolver as module
+
+    monkeypatch.setattr(module, "MAX_CACHE_ENTRIES", 4)
+    now = [0.0]
+    r = module.Resolver(reactor, nameservers=[("127.0.0.1", 53)], clock=lambda: now[0])
+    # Live answers first: dropping "the oldest half" would keep the expired ones instead.
+    r._cache = {("live", i): module._Cached(100.0, ()) for i in range(3)}
+    r._cache.update({("old", i): module._Cached(5.0, ()) for i in range(3)})
+    now[0] = 10.0
+    r._shrink_cache(now[0])
+    assert sorted(r._cache) == [("live", 0), ("live", 1), ("live", 2)]
+    r._cache.update({("live", i): module._Cached(100.0, ()) for i in range(3, 6)})
+    r._shrink_cache(now[0])
+    assert sorted(r._cache) == [("live", 3), ("live", 4), ("live", 5)]

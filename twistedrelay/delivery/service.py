@@ -205,6 +205,8 @@ class DeliveryService(Service):
             if next_attempt_at <= now:
                 self._claim(queue_id, "deferred", "deferred")
         self.scheduler.forget_idle()
+        # Pools with no connection left are dropped, as the scheduler drops idle destinations.
+        self.pools = {name: pool for name, pool in self.pools.items() if not pool.is_empty}
         self._pump()
 
     def _claim(self, queue_id: str, from_state: str, lane: Lane) -> None:
