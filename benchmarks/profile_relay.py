@@ -60,10 +60,11 @@ def children(pid: int) -> list[int]:
     return sorted(found)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a process used so far."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds a process used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / ticks, int(fields[12]) / ticks
 
 
 def syscalls(pid: int) -> tuple[int, int]:
@@ -219,7 +220,12 @@ def main() -> int:
             spy.send_signal(signal.SIGINT)
         for spy in spies:
             spy.wait(30)
-        cpu = {pid: round(cpu_seconds(pid) - cpu_before[pid], 2) for pid in pids}
+        cpu_split = {
+            pid: [now - before for now, before in zip(cpu_seconds(pid), cpu_before[pid])]
+            for pid in pids
+        }
+        cpu = {pid: round(sum(split), 2) for pid, split in cpu_split.items()}
+        system_seconds = sum(split[1] for split in cpu_split.values())
         io = {
             pid: [
                 round((a - b) / args.messages, 1)
@@ -241,6 +247,7 @@ def main() -> int:
             "sink_connections": final.get("connections_total"),
             "cpu_seconds": {"master": cpu[relay.pid], "workers": [cpu[p] for p in workers]},
             "cpu_ms_per_message": round(1000 * sum(cpu.values()) / args.messages, 2),
+            "system_cpu_ms_per_message": round(1000 * system_seconds / args.messages, 2),
             "reads_writes_per_message": {
                 "master": io[relay.pid],
                 "workers": [io[p] for p in workers],

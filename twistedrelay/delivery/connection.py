@@ -155,7 +155,7 @@ class SMTPClientProtocol(Protocol):
         return result
 
     def reset(self) -> defer.Deferred[SMTPClientProtocol]:
-        """RSET for the next transaction; fires when ready again (or fails)."""
+        """Get ready for the next transaction (RSET only if needed); fires when ready (or fails)."""
         self.ready = defer.Deferred()
         self._handle(self.session.reset())
         self._flush()

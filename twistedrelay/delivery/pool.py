@@ -1,7 +1,8 @@
 """DestinationPool: the outbound connections of one destination, reused across messages.
 
-Owns connection reuse: a connection that finished a transaction is reset (RSET) and kept
-idle for the next message of the same destination, up to ``reuse_limit`` transactions, and
+Owns connection reuse: a connection that finished a transaction is made ready again
+(ClientSession.reset: at once after a reply to the content, else by RSET) and kept idle
+for the next message of the same destination, up to ``reuse_limit`` transactions, and
 closed after ``idle_timeout`` seconds without work. Opening a connection tries the mail
 hosts in order (MX preference) until one greets and accepts EHLO: failover. The number of
 connections is bounded by the scheduler, which starts at most ``window`` jobs per
@@ -197,7 +198,7 @@ class DestinationPool:
         self.open_count -= 1
 
     async def release(self, pooled: PooledConnection) -> None:
-        """Give a connection back after a transaction: keep it warm (RSET) or QUIT it."""
+        """Give a connection back after a transaction: keep it for reuse or QUIT it."""
         protocol = pooled.protocol
         if not protocol.is_open or protocol.session.transaction_count >= self.settings.reuse_limit:
             protocol.quit()

@@ -14,14 +14,15 @@ API (h2/h11 style: bytes in, events out; bytes to write collect in an outbox)::
 
 Events, in the order a connection produces them:
 
-- :class:`Ready` -- greeting, EHLO (HELO fallback) and any STARTTLS are done, or RSET
-  was accepted: :meth:`begin` may start a transaction.
+- :class:`Ready` -- greeting, EHLO (HELO fallback) and any STARTTLS are done, or
+  :meth:`reset` made the connection ready again: :meth:`begin` may start a transaction.
 - :class:`StartTLS` -- the host said 220 to STARTTLS: start the TLS handshake now, then
   call :meth:`tls_established` (the session re-sends EHLO, RFC 3207 §4.2).
 - :class:`SendContent` -- DATA was accepted (354): write ``encode_content(chunk)`` for
   every chunk of the message, then call :meth:`end_content`.
 - :class:`TransactionComplete` -- one reply per recipient. Call :meth:`reset` to reuse
-  the connection (a :class:`Ready` follows) or :meth:`quit`.
+  the connection (a :class:`Ready` follows: at once after a reply to the content, after
+  RSET's 250 otherwise) or :meth:`quit`.
 - :class:`SessionFailed` -- the connection is unusable (greeting or EHLO/HELO refused,
   421, RSET refused, TLS required but not available, malformed reply). A transaction in
   flight is completed first, its unresolved recipients getting this reply. QUIT is
@@ -447,6 +448,7 @@ class ClientSession:
         self.tls = False
         self.transaction_count = 0
         """Transactions begun on this connection (for the reuse limit)."""
+        self._host_has_transaction = False
 
     # -- adapter-facing API --------------------------------------------------------------
 
@@ -573,6 +575,7 @@ class ClientSession:
         self._encoder = ContentEncoder()
         self._rcpt_index = 0
         self.transaction_count += 1
+        self._host_has_transaction = True
         self.stage = Stage.TRANSACTION
         self._send(_Command.MAIL, mail_line)
         if caps.pipelining:
@@ -599,8 +602,19 @@ class ClientSession:
         return []
 
     def reset(self) -> list[Event]:
-        """Send RSET to make the connection ready for another transaction (RFC 5321 §4.1.1.5)."""
+        """Make the connection ready for another transaction.
+
+        After the host's reply to the end of the content the host has already cleared its
+        transaction (RFC 5321 §4.1.1.4), so the session is ready at once: a :class:`Ready`
+        is returned and nothing is sent, which saves a round trip per reused message. A
+        transaction that ended earlier (MAIL or every RCPT refused) may have left state on
+        the host: then RSET is sent (RFC 5321 §4.1.1.5) and the :class:`Ready` follows its 250.
+        """
         self._require(Stage.DONE, Stage.READY)
+        if not self._host_has_transaction:
+            events: list[Event] = []
+            self._become_ready(events)
+            return events
         self._send(_Command.RSET, b"RSET\r\n")
         self.stage = Stage.RESETTING
         return []
@@ -728,13 +742,16 @@ class ClientSession:
 
     def _on_end_of_data(self, reply: Reply, events: list[Event]) -> None:
         self._current().final_reply = reply
+        self._host_has_transaction = False
         self._finish_transaction(reply, events)
 
     def _on_lone_dot(self, reply: Reply, events: list[Event]) -> None:
+        self._host_has_transaction = False
         self._finish_transaction(reply, events)
 
     def _on_rset(self, reply: Reply, events: list[Event]) -> None:
         if reply.is_positive:
+            self._host_has_transaction = False
             self._become_ready(events)
         else:
             self._fail(reply, events, send_quit=True)

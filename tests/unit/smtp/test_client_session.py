@@ -555,24 +555,58 @@ def deliver_one(session: ClientSession, recipients=RECIPIENTS[:1]) -> list:
     return session.receive(OK)
 
 
-def test_rset_makes_the_connection_ready_for_the_next_transaction():
-    """After a transaction, RSET → 250 → Ready; the next transaction runs on the same session."""
+def test_reuse_after_the_content_reply_needs_no_rset():
+    """After the reply to the content the host has no transaction: ready at once, no RSET."""
     session = ready_session()
     assert results(deliver_one(session)) == [("a@example.test", 250)]
+    (event,) = session.reset()
+    assert isinstance(event, Ready)
+    assert session.data_to_send() == b""
+    assert results(deliver_one(session, RECIPIENTS[1:2])) == [("b@example.test", 250)]
+    assert session.transaction_count == 2
+
+
+def test_reuse_after_a_refused_content_needs_no_rset():
+    """A 554 to the content also ends the host's transaction (RFC 5321 §4.1.1.4)."""
+    session = ready_session()
+    session.begin("s@example.org", RECIPIENTS[:1], 10)
+    session.data_to_send()
+    session.receive(OK * 2 + GO_AHEAD)
+    session.encode_content(b"body\r\n")
+    session.end_content()
+    session.data_to_send()
+    assert results(session.receive(b"554 5.7.1 no\r\n")) == [("a@example.test", 554)]
+    (event,) = session.reset()
+    assert isinstance(event, Ready)
+    assert session.data_to_send() == b""
+
+
+def test_rset_after_a_transaction_that_ended_before_the_content():
+    """Every RCPT refused (no DATA sent): the host still holds MAIL, so RSET → 250 → Ready."""
+    session = ClientSession("relay.test")
+    session.receive(b"220 hi\r\n")
+    session.data_to_send()
+    session.receive(b"250 host.test\r\n")  # no PIPELINING: one command per round trip
+    session.begin("s@example.org", RECIPIENTS[:1], 10)
+    session.data_to_send()
+    session.receive(OK)
+    session.data_to_send()
+    assert results(session.receive(NO_USER)) == [("a@example.test", 550)]
     assert session.reset() == []
     assert session.data_to_send() == b"RSET\r\n"
     (event,) = session.receive(OK)
     assert isinstance(event, Ready)
     assert results(deliver_one(session, RECIPIENTS[1:2])) == [("b@example.test", 250)]
-    assert session.transaction_count == 2
 
 
 def test_rset_refused_fails_the_session():
     """A host that refuses RSET cannot be reused: the session fails and quits."""
     session = ready_session()
-    deliver_one(session)
-    session.reset()
+    session.begin("s@example.org", RECIPIENTS[:1], 10)
     session.data_to_send()
+    session.receive(OK + NO_USER + b"554 no valid recipients\r\n")
+    session.reset()
+    assert session.data_to_send() == b"RSET\r\n"
     assert session.receive(b"500 what\r\n") == [SessionFailed(Reply(500, None, "what"))]
     assert session.data_to_send() == b"QUIT\r\n"
 
@@ -636,7 +670,7 @@ def test_content_methods_refused_outside_content_stage():
 
 
 def conversation(chunk_size: int) -> tuple[list, bytes]:
-    """Run a whole pipelined two-transaction conversation, feeding the host's bytes in chunks."""
+    """Run a whole pipelined conversation, feeding the host's bytes in chunks."""
     session = ClientSession("relay.test")
     events: list = []
     sent = []
@@ -655,9 +689,7 @@ def conversation(chunk_size: int) -> tuple[list, bytes]:
     session.end_content()
     sent.append(session.data_to_send())
     feed(OK)
-    session.reset()
-    sent.append(session.data_to_send())
-    feed(OK)
+    events.extend(session.reset())
     session.quit()
     sent.append(session.data_to_send())
     feed(b"221 bye\r\n")
