@@ -6,7 +6,7 @@ all on loopback, in a fresh temporary directory. Prints one JSON line. With ``--
 it also records a py-spy profile of every worker (and the master) while the load runs.
 
 Usage: .venv/bin/python benchmarks/profile_relay.py [--workers 2] [--messages 5000]
-    [--connections 20] [--size 1024] [--py-spy DIR]
+    [--connections 20] [--size 1024] [--py-spy DIR [--gil]]
 """
 
 from __future__ import annotations
@@ -89,6 +89,9 @@ def main() -> int:
     parser.add_argument("--size", default="1024")
     parser.add_argument("--rate", type=float, default=0.0)
     parser.add_argument("--py-spy", type=Path, default=None, help="write profiles here")
+    parser.add_argument(
+        "--gil", action="store_true", help="py-spy: only threads holding the GIL (CPU in Python)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args()
 
@@ -173,6 +176,7 @@ def main() -> int:
                             "--duration",
                             "600",
                             "--nonblocking",
+                            *(["--gil"] if args.gil else []),
                         ],
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL,
@@ -221,7 +225,9 @@ def main() -> int:
         for spy in spies:
             spy.wait(30)
         cpu_split = {
-            pid: [now - before for now, before in zip(cpu_seconds(pid), cpu_before[pid])]
+            pid: [
+                now - before for now, before in zip(cpu_seconds(pid), cpu_before[pid], strict=True)
+            ]
             for pid in pids
         }
         cpu = {pid: round(sum(split), 2) for pid, split in cpu_split.items()}

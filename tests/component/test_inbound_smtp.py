@@ -133,6 +133,51 @@ async def test_pipelined_session_gets_ordered_replies(harness: Any) -> None:
     assert len(harness.queued) == 1
 
 
+def _recv_until(sock: socket.socket, end: bytes) -> bytes:
+    data = b""
+    while not data.endswith(end):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pipelined_group_is_answered_in_one_write(harness: Any) -> None:
+    """MAIL, two RCPTs and DATA sent together get their four replies in one transport write
+    (one send and one segment: RFC 2920 §3.2), not one write per reply."""
+    client = await threads.deferToThread(socket.create_connection, ("127.0.0.1", harness.port), 5)
+    try:
+        client.settimeout(5)
+        await threads.deferToThread(_recv_until, client, b"\r\n")
+        client.sendall(b"EHLO client.example\r\n")
+        await threads.deferToThread(_recv_until, client, b"250 SMTPUTF8\r\n")
+        (session,) = harness.service.factories["smtp"].sessions
+        writes: list[bytes] = []
+        write = session.transport.write
+
+        def counting_write(data: bytes) -> None:
+            writes.append(data)
+            write(data)
+
+        session.transport.write = counting_write
+        client.sendall(
+            b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n"
+            b"RCPT TO:<c@example.net>\r\nDATA\r\n"
+        )
+        out = await threads.deferToThread(_recv_until, client, b".<CR><LF>\r\n")
+        assert [line[:3] for line in out.split(b"\r\n") if line] == [
+            b"250",
+            b"250",
+            b"250",
+            b"354",
+        ]
+        assert writes == [out]
+    finally:
+        client.close()
+
+
 @pytest_twisted.ensureDeferred
 async def test_open_relay_matrix_over_loopback(tmp_path: Path) -> None:
     """Only mynetworks relays anywhere; a stranger reaches relay.domains only (554 5.7.1)."""

@@ -36,6 +36,8 @@ from twistedrelay.smtp.replies import Reply
 from twistedrelay.tls import VERIFICATION_ERRORS
 
 CONTENT_CHUNK_BYTES = 64 * 1024
+CONTENT_WRITE_BYTES = 256 * 1024
+"""Content is written once this much is encoded (and at its end)."""
 
 
 class ConnectionNotReadyError(Exception):
@@ -214,22 +216,38 @@ class SMTPClientProtocol(Protocol):
         self._handle(self.session.tls_established())
 
     def _send_content(self) -> None:
+        """Write the message and its terminator: in one write unless it is large.
+
+        The transport writes at once (twistedrelay.transport), so each write is a send and
+        a packet; a 1 KiB message goes out as one.
+        """
         message = self._message
         assert message is not None
         transport: Any = self.transport
         encode = self.session.encode_content
+        pending: list[bytes] = []
+        pending_bytes = 0
         if message.prepend:
-            transport.write(encode(message.prepend))
+            pending.append(encode(message.prepend))
         header_filter = HeaderFilter(message.drop_headers) if message.drop_headers else None
         with message.open_content() as content:
             while chunk := content.read(CONTENT_CHUNK_BYTES):
                 if header_filter is not None:
                     chunk = header_filter.feed(chunk)
                 if chunk:
-                    transport.write(encode(chunk))
+                    encoded = encode(chunk)
+                    pending.append(encoded)
+                    pending_bytes += len(encoded)
+                    if pending_bytes >= CONTENT_WRITE_BYTES:
+                        transport.write(b"".join(pending))
+                        pending.clear()
+                        pending_bytes = 0
         if header_filter is not None and (rest := header_filter.finish()):
-            transport.write(encode(rest))
-        self._handle(self.session.end_content())
+            pending.append(encode(rest))
+        events = self.session.end_content()
+        pending.append(self.session.data_to_send())
+        transport.write(b"".join(pending))
+        self._handle(events)
 
     def _complete(self, result: TransactionResult) -> None:
         self._message = None

@@ -33,6 +33,7 @@ from twistedrelay.resolver import MailHost
 from twistedrelay.smtp.client_session import ClientSession
 from twistedrelay.smtp.replies import TLS_HANDSHAKE_FAILED
 from twistedrelay.tls import ClientTLSOptions, tls_version
+from twistedrelay.transport import connect_tcp
 
 _log = Logger(namespace="twistedrelay.delivery")
 
@@ -169,7 +170,8 @@ class DestinationPool:
             self.settings.data_timeout,
             tls_context=(lambda: creator) if creator is not None else None,
         )
-        self.reactor.connectTCP(
+        connect_tcp(
+            self.reactor,
             host.address,
             host.port,
             _ConnectorFactory(protocol),

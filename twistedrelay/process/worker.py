@@ -66,6 +66,7 @@ from zope.interface import provider
 from twistedrelay.config import Config, ConfigError, load_config
 from twistedrelay.eventlog import json_lines_observer
 from twistedrelay.process.control import ControlCommand, ControlDecoder
+from twistedrelay.transport import adopt_stream_port
 
 DEFAULT_PAYLOAD = "twistedrelay.app:build_worker_service"
 CONTROL_FD = 0
@@ -89,11 +90,10 @@ class InheritedSocket:
         """Start accepting on this socket with ``factory`` (``reactor.adoptStreamPort``).
 
         The reactor works on a duplicate of the descriptor; stopping the returned port stops
-        this worker accepting, not the others.
+        this worker accepting, not the others. Accepted connections write at once
+        (twistedrelay.transport).
         """
-        # Twisted annotates the factory as a ServerFactory, narrower than its documented
-        # IProtocolFactory; TLSMemoryBIOFactory, for one, is a plain Factory.
-        return reactor.adoptStreamPort(self.fd, self.family, factory)  # type: ignore[arg-type]
+        return adopt_stream_port(reactor, self.fd, self.family, factory)
 
 
 class WorkerPayload(Protocol):

@@ -22,6 +22,7 @@ from typing_extensions import override
 from twistedrelay.config import Endpoint
 from twistedrelay.process.worker import InheritedSocket
 from twistedrelay.smtp.server import InboundParts, SMTPServerFactory
+from twistedrelay.transport import listen_tcp
 
 _log = Logger(namespace="twistedrelay.smtp")
 
@@ -69,8 +70,8 @@ class InboundService(Service):
                 self.ports.append(sock.adopt(reactor, self._factory_for(mode)[1]))
         for mode, endpoints in self.endpoints.items():
             for endpoint in endpoints:
-                port = reactor.listenTCP(
-                    endpoint.port, self._factory_for(mode)[1], interface=endpoint.host
+                port = listen_tcp(
+                    reactor, endpoint.port, self._factory_for(mode)[1], interface=endpoint.host
                 )
                 self.ports.append(port)
         for port in self.ports:
