@@ -389,8 +389,24 @@ def use_multiprocess_values(directory: str | os.PathLike[str]) -> None:
     that imported prometheus_client first, so its numbers cannot silently stay private.
     """
     os.environ[MULTIPROC_ENV] = os.fspath(directory)
-    if not getattr(values.ValueClass, "_multiprocess", False):
-        values.ValueClass = values.get_value_class()
+    if values.ValueClass is not _MultiProcessValue:
+        values.ValueClass = _MultiProcessValue
+
+
+def _process_id() -> int:
+    return _pid
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+# prometheus_client's multiprocess values ask for the PID at every update, to notice a
+# fork (about 11 getpid calls per message); this PID is kept current by a fork hook instead.
+_pid = os.getpid()
+os.register_at_fork(after_in_child=_forked)
+_MultiProcessValue = values.MultiProcessValue(process_identifier=_process_id)
 
 
 def prepare_multiprocess_dir(directory: str | os.PathLike[str]) -> Path:

@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from twistedrelay.smtp import replies
 from twistedrelay.smtp.replies import Reply
 
+_TRUSTED_CACHE_SIZE = 4096
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -31,13 +33,23 @@ class RelayPolicy:
         domains = [d.lower().rstrip(".") for d in domains]
         self._exact = frozenset(d for d in domains if not d.startswith("."))
         self._parents = tuple(d for d in domains if d.startswith("."))
+        self._trusted: dict[str, bool] = {}
 
     def is_trusted_client(self, client_address: str) -> bool:
         """True when the client's address is inside ``mynetworks``.
 
         IPv4-mapped IPv6 addresses (``::ffff:127.0.0.1``) count as their IPv4 address; a
-        value that is not an IP address (e.g. a UNIX socket peer) is never trusted.
+        value that is not an IP address (e.g. a UNIX socket peer) is never trusted. Answers
+        are remembered (asked at every RCPT; at most _TRUSTED_CACHE_SIZE addresses).
         """
+        trusted = self._trusted.get(client_address)
+        if trusted is None:
+            if len(self._trusted) >= _TRUSTED_CACHE_SIZE:
+                self._trusted.clear()
+            trusted = self._trusted[client_address] = self._in_mynetworks(client_address)
+        return trusted
+
+    def _in_mynetworks(self, client_address: str) -> bool:
         try:
             address = ipaddress.ip_address(client_address.split("%", 1)[0])
         except ValueError:

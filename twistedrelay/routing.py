@@ -9,6 +9,7 @@ as it is. Route keys are a domain, ``.domain`` (every subdomain), or ``*`` (smar
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -44,8 +45,13 @@ class Destination:
     next_hop: NextHop | None = None
 
 
+@functools.lru_cache(maxsize=4096)
 def is_ip_address(host: str) -> bool:
-    """True for an IPv4 or IPv6 address literal (without brackets)."""
+    """True for an IPv4 or IPv6 address literal (without brackets).
+
+    Cached: routing and the resolver ask it for every message, and parsing costs more than
+    the rest of a route lookup.
+    """
     try:
         ipaddress.ip_address(host)
     except ValueError:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from twistedrelay import metrics as metrics_module
 from twistedrelay.metrics import (
     MULTIPROC_ENV,
     build_master_registry,
@@ -71,3 +72,20 @@ def test_two_worker_processes_are_summed_and_a_dead_ones_live_gauges_vanish(tmp_
     assert get("twistedrelay_outbound_connections") == 1.0
     assert get("twistedrelay_messages_received_total") == 12.0
     assert get("twistedrelay_smtp_sessions_opened_total", {"listener": "smtp"}) == 2.0
+
+
+def test_a_forked_child_writes_its_values_under_its_own_pid() -> None:
+    """The cached PID (no getpid per update) still follows a fork, as prometheus_client's did."""
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child reports through the pipe)
+        os.write(write_end, str(metrics_module._process_id()).encode())
+        os._exit(0)
+    os.close(write_end)
+    try:
+        reported = int(os.read(read_end, 64))
+    finally:
+        os.close(read_end)
+        os.waitpid(child, 0)
+    assert reported == child
+    assert metrics_module._process_id() == os.getpid()

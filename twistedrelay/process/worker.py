@@ -64,7 +64,7 @@ from twisted.python.threadable import isInIOThread
 from zope.interface import provider
 
 from twistedrelay.config import Config, ConfigError, load_config
-from twistedrelay.eventlog import json_lines_observer
+from twistedrelay.eventlog import MAIL_LINE_FORMAT, json_lines_observer
 from twistedrelay.process.control import ControlCommand, ControlDecoder
 from twistedrelay.transport import adopt_stream_port
 
@@ -294,7 +294,11 @@ def line_observer(stream: TextIO | ReactorFlushedStream) -> ILogObserver:
 
     @provider(ILogObserver)
     def observe(event: LogEvent) -> None:
-        text = eventAsText(event, includeTimestamp=False)
+        if event.get("log_format") == MAIL_LINE_FORMAT and "log_failure" not in event:
+            # What eventAsText gives for a mail log line, without parsing the format.
+            text = f"[{event['log_namespace']}#{event['log_level'].name}] {event['mail_line']}"
+        else:
+            text = eventAsText(event, includeTimestamp=False)
         if text:
             stream.write(text if text.endswith("\n") else text + "\n")
             stream.flush()

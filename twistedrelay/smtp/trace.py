@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import email.utils
 
+_date_cache: tuple[int, str] = (-1, "")
+
 
 def protocol_name(extended: bool, tls: bool, authenticated: bool, smtputf8: bool) -> str:
     """The ``with`` clause: SMTP after HELO, else ESMTP/UTF8SMTP with S (TLS) and A (AUTH)."""
@@ -39,12 +41,21 @@ def build_received_header(
     """
     tls_clause = f"\r\n\t(using {tls})" if tls else ""  # our OpenSSL's words, not the client's
     for_clause = f"\r\n\tfor <{printable(recipient)}>" if recipient else ""
-    date = email.utils.formatdate(date_epoch, localtime=True)
+    date = _format_date(date_epoch)
     header = (
         f"Received: from {printable(helo or 'unknown')} ([{client_address}]){tls_clause}\r\n"
         f"\tby {hostname} (twistedrelay) with {protocol} id {queue_id}{for_clause}; {date}\r\n"
     )
     return header.encode("utf-8", "replace")
+
+
+def _format_date(epoch: float) -> str:
+    """RFC 5322 date in local time; formatted once per second (it showed in profiles)."""
+    global _date_cache
+    second = int(epoch)
+    if _date_cache[0] != second:
+        _date_cache = (second, email.utils.formatdate(second, localtime=True))
+    return _date_cache[1]
 
 
 def printable(text: str) -> str:

@@ -1,13 +1,15 @@
-"""The worker's stdout log stream: flushes put off to the end of a reactor turn."""
+"""The worker's stdout log stream: flushes put off to the end of a reactor turn; its lines."""
 
 from __future__ import annotations
 
 import io
 
 from twisted.internet.task import Clock
+from twisted.logger import Logger, eventAsText
 from twisted.python import threadable
 
-from twistedrelay.process.worker import ReactorFlushedStream
+from twistedrelay.eventlog import NAMESPACE, MailLog
+from twistedrelay.process.worker import ReactorFlushedStream, line_observer
 
 
 class CountingStream(io.StringIO):
@@ -63,3 +65,19 @@ def test_without_a_reactor_each_flush_is_immediate() -> None:
     stream.write("after\n")
     stream.flush()
     assert out.flushed[-1].endswith("after\n")
+
+
+def test_mail_lines_are_written_as_event_as_text_would_write_them() -> None:
+    """line_observer's shortcut for mail log events gives eventAsText's line, braces too."""
+    events: list[dict] = []
+    maillog = MailLog(Logger(namespace=NAMESPACE, observer=events.append))
+    maillog.connect("127.0.0.1", 40000, "smtp")
+    maillog.queued("ABC123", "a{b}c@example.org", 10, 1, "127.0.0.1", 40000)
+    maillog.disconnect("127.0.0.1", "ehlo=1 {mail_line} quit=1")
+    stream = io.StringIO()
+    observe = line_observer(stream)
+    for event in events:
+        observe(event)
+    expected = "".join(eventAsText(e, includeTimestamp=False) + "\n" for e in events)
+    assert stream.getvalue() == expected
+    assert "from=<a{b}c@example.org>" in expected
