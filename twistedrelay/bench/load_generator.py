@@ -33,6 +33,7 @@ from typing_extensions import override
 
 from twistedrelay.bench.messages import Message, MessageBuilder
 from twistedrelay.bench.stats import summarize_latencies
+from twistedrelay.transport import connect_tcp
 
 
 @dataclass(slots=True)
@@ -170,7 +171,7 @@ class LoadGenerator:
             self.report.idle_requested = options.hold_idle
             self._idle_pending = options.hold_idle
             for _ in range(options.hold_idle):
-                self.reactor.connectTCP(options.host, options.port, _IdleFactory(self))
+                connect_tcp(self.reactor, options.host, options.port, _IdleFactory(self))
         else:
             self._start_load()
         return self._done
@@ -187,7 +188,7 @@ class LoadGenerator:
 
     def _connect(self) -> None:
         self._pending_connects += 1
-        self.reactor.connectTCP(self.options.host, self.options.port, _SenderFactory(self))
+        connect_tcp(self.reactor, self.options.host, self.options.port, _SenderFactory(self))
 
     def take(self, *, wait_ok: bool) -> tuple[int, float] | None:
         """Allocate the next message number and how long to wait before sending it.

@@ -26,6 +26,7 @@ from twistedrelay.bench.sink_server import (
     SinkFactory,
     load_tls_options,
 )
+from twistedrelay.transport import listen_tcp
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
@@ -152,8 +153,10 @@ def main(argv: list[str]) -> int:
     # Any: the global reactor is typed as a module, not as the interfaces it provides.
     reactor: Any = global_reactor
     factory = SinkFactory(reactor, config)
-    listening = reactor.listenTCP(port, factory, backlog=args.backlog, interface=host)
-    address = listening.getHost()
+    # Writes at once, like the relay's listeners: the sink's CPU is taken from the system
+    # under test on a small machine.
+    listening = listen_tcp(reactor, port, factory, interface=host, backlog=args.backlog)
+    address: Any = listening.getHost()  # an IPv4Address/IPv6Address: host and port
     print(f"bench sink: listening on {address.host}:{address.port}", file=sys.stderr, flush=True)
 
     def report() -> dict[str, Any]:  # Any: JSON values
