@@ -55,7 +55,8 @@ def write_chart(results: list[dict[str, Any]], path: Path, title: str = "") -> b
         axis.set_xticks(range(len(scenarios)), scenarios)
         axis.set_ylabel("messages/s")
         axis.set_title(label)
-        axis.legend(fontsize=8)
+        axis.margins(y=0.25)  # room above the tallest bar for the legend
+        axis.legend(fontsize=8, loc="upper left", ncols=len(systems))
     if title:
         figure.suptitle(title)
     figure.tight_layout()

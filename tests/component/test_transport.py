@@ -48,17 +48,22 @@ def _read_exactly(sock: socket.socket, count: int) -> bytes:
     return bytes(data)
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_write_is_sent_before_write_returns() -> None:
-    """With nothing queued, write() sends at once: nothing is left for the reactor to send."""
+async def _accepted_connection() -> tuple[Any, socket.socket, Any]:
+    """A listen_tcp port, a blocking client socket and the server side's transport."""
     _Accepted.accepted.clear()
     port = listen_tcp(_reactor(), 0, Factory.forProtocol(_Accepted), interface="127.0.0.1")
     client = await threads.deferToThread(
         socket.create_connection, ("127.0.0.1", port.getHost().port), 5
     )
+    await wait_until(_reactor(), lambda: _Accepted.accepted, "the accepted connection")
+    return port, client, _Accepted.accepted[0].transport
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_write_is_sent_before_write_returns() -> None:
+    """With nothing queued, write() sends at once: nothing is left for the reactor to send."""
+    port, client, transport = await _accepted_connection()
     try:
-        await wait_until(_reactor(), lambda: _Accepted.accepted, "the accepted connection")
-        transport = _Accepted.accepted[0].transport
         transport.write(b"220 hello\r\n")
         assert transport not in _reactor().getWriters(), "no write readiness was asked for"
         assert transport.dataBuffer == b""
@@ -72,14 +77,8 @@ async def test_a_write_is_sent_before_write_returns() -> None:
 @pytest_twisted.ensureDeferred
 async def test_what_the_kernel_does_not_take_is_buffered_in_order() -> None:
     """Writes larger than the socket buffer arrive whole and in order; the rest is buffered."""
-    _Accepted.accepted.clear()
-    port = listen_tcp(_reactor(), 0, Factory.forProtocol(_Accepted), interface="127.0.0.1")
-    client = await threads.deferToThread(
-        socket.create_connection, ("127.0.0.1", port.getHost().port), 5
-    )
+    port, client, transport = await _accepted_connection()
     try:
-        await wait_until(_reactor(), lambda: _Accepted.accepted, "the accepted connection")
-        transport = _Accepted.accepted[0].transport
         pieces = [bytes([65 + i]) * (3 << 20) for i in range(4)] + [b"end"]
         for piece in pieces:
             transport.write(piece)
