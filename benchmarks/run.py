@@ -275,6 +275,7 @@ class Harness:
             if not wait_until(self.sink.counters, 10.0):
                 raise RuntimeError("the sink reports no counters")
             baseline = self.sink.counters().get("recipients", 0)
+            baseline_bdat = self.sink.counters().get("messages_bdat", 0)
             # Other work on the machine skews every figure: record how busy it was.
             load_before = os.getloadavg()[0]
             sampler = ResourceSampler(lambda: instance.pid, role)
@@ -301,6 +302,8 @@ class Harness:
             finally:
                 sampler.stop()
             delivered = self.sink.counters().get("recipients", 0) - baseline
+            # Which systems sent with BDAT (the sink offers CHUNKING; benchmarks/README.md).
+            delivered_bdat = self.sink.counters().get("messages_bdat", 0) - baseline_bdat
             metrics_text = instance.metrics_text() if isinstance(instance, RelayInstance) else ""
         log_path = instance.maillog if isinstance(instance, PostfixInstance) else instance.log_path
         accepted = int(sent.report["messages_accepted"])
@@ -328,6 +331,7 @@ class Harness:
                 "messages_per_second": round(accepted / e2e_seconds, 1) if e2e_seconds else None,
                 "recipients_expected": expected,
                 "recipients_delivered": delivered,
+                "messages_delivered_with_bdat": delivered_bdat,
             },
             "delivery_delay": measure.delay_summary(measure.log_delays(log_path)),
             "cpu": {

@@ -122,6 +122,47 @@ def test_data_is_found_whatever_the_chunk_boundaries():
     assert expected[2][2] == b"\r\nx\r\n"
 
 
+BDAT_SESSION = (
+    b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n"
+    b"BDAT 12\r\n.dot\r\nline\r\n"  # two chunks: the octets as they are
+    b"BDAT 8 LAST\r\n.\r\nend\r\n"
+    b"MAIL FROM:<e@f>\r\nBDAT 5 LAST\r\nhello"  # no RCPT: refused, octets skipped
+    b"RCPT TO:<g@h>\r\nMAIL FROM:<i@j>\r\nRCPT TO:<k@l>\r\nBDAT 0 LAST\r\n"
+    b"BDAT x\r\nQUIT\r\n"
+)
+
+
+def test_bdat_chunks_are_recorded_as_sent_whatever_the_read_boundaries():
+    """CHUNKING (RFC 3030): chunks are joined without dot-unstuffing; a BDAT without RCPT is
+    refused after its octets; a chunk's bytes never read as commands."""
+    expected_codes = [220, 250, 250, 250, 250, 250, 250, 503, 503, 250, 250, 250, 501, 221]
+    for chunk_size in (*range(1, 12), 64, len(BDAT_SESSION)):
+        factory = SinkFactory(Clock(), SinkConfig(record=True))
+        sink_protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        sink_protocol.makeConnection(transport)
+        for start in range(0, len(BDAT_SESSION), chunk_size):
+            sink_protocol.dataReceived(BDAT_SESSION[start : start + chunk_size])
+        assert b"CHUNKING\r\n" in transport.value()
+        assert codes(transport.value()) == expected_codes, chunk_size
+        assert [(m.sender, m.content) for m in factory.messages] == [
+            (b"a@b", b".dot\r\nline\r\n.\r\nend\r\n"),
+            (b"i@j", b""),
+        ], chunk_size
+        assert factory.stats.messages_bdat == 2
+
+
+def test_no_chunking_offers_none_and_bdat_is_unknown():
+    """SinkConfig(chunking=False), ``--no-chunking``: no CHUNKING keyword, BDAT gets 500."""
+    factory = SinkFactory(Clock(), SinkConfig(chunking=False))
+    sink_protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    sink_protocol.makeConnection(transport)
+    sink_protocol.dataReceived(b"EHLO x\r\nBDAT 0 LAST\r\n")
+    assert b"CHUNKING" not in transport.value()
+    assert codes(transport.value()) == [220, 250, 500]
+
+
 def test_commands_out_of_sequence_get_bad_sequence():
     """MAIL before EHLO, RCPT before MAIL and DATA without recipients get 503."""
     factory = SinkFactory(Clock(), SinkConfig())

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 from twisted.internet.task import deferLater
 from twisted.logger import LogEvent, Logger
@@ -398,8 +399,12 @@ def _pad_to(content: bytearray, offset: int) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_leading_dots_at_chunk_boundaries_arrive_intact(tmp_path: Path) -> None:
-    """Lines starting with '.' at 16 KiB, 64 KiB and after a CR|LF split arrive unchanged."""
+@pytest.mark.parametrize("chunking", [False, True], ids=["DATA", "BDAT"])
+async def test_leading_dots_at_chunk_boundaries_arrive_intact(
+    tmp_path: Path, chunking: bool
+) -> None:
+    """Lines starting with '.' at 16 KiB, 64 KiB and after a CR|LF split arrive unchanged,
+    dot-stuffed with DATA, as they are with BDAT (a host offering CHUNKING)."""
     content = bytearray(b"Subject: dots\r\n\r\n")
     _pad_to(content, 16 * 1024)
     content += b".dot at 16 KiB\r\n"
@@ -408,7 +413,7 @@ async def test_leading_dots_at_chunk_boundaries_arrive_intact(tmp_path: Path) ->
     _pad_to(content, 128 * 1024 + 1)  # the 64 KiB chunk ends between CR and LF
     content += b"..two dots after a split CRLF\r\n"
     content += b"last line\r\n"
-    sink = SinkServer(_reactor())
+    sink = SinkServer(_reactor(), chunking=chunking)
     sink.start()
     relay = Relay(tmp_path, {"routes": {"*": _route(sink)}})
     relay.service.startService()
@@ -416,6 +421,7 @@ async def test_leading_dots_at_chunk_boundaries_arrive_intact(tmp_path: Path) ->
         await relay.queue(["a@dest.test"], bytes(content))
         (message,) = await sink.wait_for_messages(1, DEADLINE_SECONDS)
         assert message.content == bytes(content)
+        assert sink.stats.messages_bdat == (1 if chunking else 0)
         await wait_until(_reactor(), relay.queue_empty, "queue empty")
     finally:
         await relay.stop()

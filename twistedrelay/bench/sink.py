@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     tls = parser.add_argument_group("STARTTLS")
     tls.add_argument("--tls-cert", type=Path, help="PEM chain, leaf first")
     tls.add_argument("--tls-key", type=Path, help="PEM private key")
+    parser.add_argument(
+        "--no-chunking",
+        action="store_true",
+        help="do not offer CHUNKING (BDAT), so clients use DATA",
+    )
     return parser
 
 
@@ -125,6 +130,7 @@ def config_from_args(args: argparse.Namespace) -> SinkConfig:
         save_dir=args.save_dir,
         sequence_header=args.check_sequence,
         tls_options=tls_options,
+        chunking=not args.no_chunking,
     )
 
 

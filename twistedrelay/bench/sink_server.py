@@ -71,8 +71,9 @@ class SinkStats:
 
     ``connections_total`` includes refused connections. ``transactions`` counts MAIL
     commands accepted; ``messages``, ``recipients`` and ``bytes`` count accepted messages
-    only (``bytes``: DATA as received, before dot-unstuffing). ``refusals`` counts every
-    reply of 400 or more by code; ``hang_ups`` every connection the sink dropped on purpose.
+    only (``bytes``: DATA as received, before dot-unstuffing); ``messages_bdat`` those of
+    them that came with BDAT. ``refusals`` counts every reply of 400 or more by code;
+    ``hang_ups`` every connection the sink dropped on purpose.
     """
 
     started_at: float
@@ -82,6 +83,7 @@ class SinkStats:
     connections_refused: int = 0
     transactions: int = 0
     messages: int = 0
+    messages_bdat: int = 0
     recipients: int = 0
     bytes: int = 0
     hang_ups: int = 0
@@ -105,6 +107,7 @@ class SinkStats:
             "connections_refused": self.connections_refused,
             "transactions": self.transactions,
             "messages": self.messages,
+            "messages_bdat": self.messages_bdat,
             "recipients": self.recipients,
             "bytes": self.bytes,
             "hang_ups": self.hang_ups,
@@ -132,6 +135,8 @@ class SinkConfig:
     sequence_header: str | None = None
     tls_options: SinkTLS | None = None
     """Server TLS (see :func:`load_tls_options`): when set, the sink offers STARTTLS."""
+    chunking: bool = True
+    """Offer CHUNKING (RFC 3030: BDAT), as Postfix's smtpd does since 3.4."""
 
 
 class SinkFactory(Factory):
@@ -164,6 +169,7 @@ class SinkFactory(Factory):
             "8BITMIME",
             "SMTPUTF8",
             "ENHANCEDSTATUSCODES",
+            *(["CHUNKING"] if config.chunking else []),
         ]
         self.ehlo_reply = _multiline(250, lines)
         self.ehlo_reply_tls = _multiline(250, [*lines, "STARTTLS"])
@@ -186,6 +192,7 @@ class SinkFactory(Factory):
         size: int,
         content: bytes | None,
         head: bytes | None,
+        chunked: bool = False,
     ) -> None:
         """Count one accepted message; record, save and check its sequence as configured."""
         stats = self.stats
@@ -194,6 +201,7 @@ class SinkFactory(Factory):
             stats.first_message_at = now
         stats.last_message_at = now
         stats.messages += 1
+        stats.messages_bdat += chunked
         stats.recipients += len(recipients)
         stats.bytes += size
         if stats.sequence is not None and self.config.sequence_header:
@@ -252,6 +260,7 @@ class SinkFactory(Factory):
 
 _STATE_COMMAND = 0
 _STATE_DATA = 1
+_STATE_CHUNK = 2  # reading the octets of a BDAT chunk
 
 
 class SinkProtocol(Protocol):
@@ -272,6 +281,11 @@ class SinkProtocol(Protocol):
         self._state = _STATE_COMMAND
         self._data_skip = 0
         self._data_size = 0
+        self._chunk_left = 0  # octets of the current BDAT chunk still to read
+        self._chunk_size = 0
+        self._chunk_last = False
+        self._chunk_refusal: Reply | None = None  # the reply after a chunk that is discarded
+        self._chunked = False  # the message in progress came with BDAT
         self._parts: list[bytes] | None = None
         self._head: list[bytes] | None = None
         self._head_size = 0
@@ -330,6 +344,17 @@ class SinkProtocol(Protocol):
         pos = 0
         size = len(buf)
         while not self._paused and not self._closed:
+            if self._state == _STATE_CHUNK:
+                take = min(self._chunk_left, size - pos)
+                if self._chunk_refusal is None:
+                    self._data_content(buf, pos, pos + take)
+                pos += take
+                self._chunk_left -= take
+                if self._chunk_left:
+                    break
+                self._state = _STATE_COMMAND
+                self._end_of_chunk()
+                continue
             if self._state == _STATE_DATA:
                 if self._hang_up_in_data:
                     if pos < size:
@@ -393,6 +418,8 @@ class SinkProtocol(Protocol):
             self._rcpt(line)
         elif verb == b"DATA":
             return self._data()
+        elif verb == b"BDAT" and self.factory.config.chunking:
+            self._bdat(line)
         elif verb == b"RSET":
             self._reset()
             self._out.append(_RESET_OK)
@@ -516,6 +543,67 @@ class SinkProtocol(Protocol):
             self._head = None
         return True
 
+    def _bdat(self, line: bytes) -> None:
+        """BDAT <size> [LAST] (RFC 3030): read the chunk's octets as they are."""
+        words = line.split()
+        last = len(words) == 3 and words[2].upper() == b"LAST"
+        if len(words) not in (2, 3) or not words[1].isdigit() or (len(words) == 3 and not last):
+            self._refuse(_BAD_BDAT)
+            return
+        self._state = _STATE_CHUNK
+        self._chunk_left = self._chunk_size = int(words[1])
+        self._chunk_last = last
+        self._chunk_refusal = None
+        if self.sender is None:
+            self._chunk_refusal = replies.NEED_MAIL
+        elif not self.recipients:
+            self._chunk_refusal = replies.NEED_RECIPIENTS
+        elif not self._chunked:
+            self._start_chunked_message()
+
+    def _start_chunked_message(self) -> None:
+        """The first chunk: DATA's decision (a refusal or hang-up; no 354 to delay)."""
+        ctx = StageContext(
+            Stage.DATA,
+            self.number,
+            self.factory.stats.transactions,
+            helo=self.helo or b"",
+            sender=self.sender or b"",
+            recipients=self.recipients,
+        )
+        action = None if self.behaviour.is_plain() else self.behaviour.decide(ctx)
+        if action is not None and action.hang_up:
+            self._hang_up_in_data = True
+        elif action is not None and action.reply is not None and action.reply.code >= 400:
+            self._chunk_refusal = action.reply
+            return
+        self._chunked = True
+        self._data_size = 0
+        self._parts = [] if self.factory.wants_content() else None
+        if self.factory.stats.sequence is not None and self._parts is None:
+            self._head, self._head_size = [], 0
+        else:
+            self._head = None
+
+    def _end_of_chunk(self) -> None:
+        if self._hang_up_in_data:
+            self._hang_up_in_data = False
+            self._hang_up()
+            return
+        if self._chunk_refusal is not None:
+            # RFC 3030 §2: a refused chunk fails the transaction; chunks after it find no
+            # MAIL and are refused and discarded too.
+            self._refuse(self._chunk_refusal)
+            self._chunked = False
+            self._parts = self._head = None
+            self._reset()
+            return
+        if not self._chunk_last:
+            self._out.append(b"250 2.0.0 %d octets received\r\n" % self._chunk_size)
+            return
+        self._chunked = False
+        self._end_of_data(chunked=True)
+
     def _data_content(self, buf: bytes, start: int, stop: int) -> None:
         if stop <= start:
             return
@@ -526,14 +614,17 @@ class SinkProtocol(Protocol):
             self._head.append(buf[start:stop])
             self._head_size += stop - start
 
-    def _end_of_data(self) -> None:
+    def _end_of_data(self, *, chunked: bool = False) -> None:
         factory = self.factory
         stats = factory.stats
         sender = self.sender or b""
         recipients = self.recipients
         self._reset()
         content: bytes | None = None
-        if self._parts is not None:
+        if self._parts is not None and chunked:
+            content = b"".join(self._parts)  # BDAT: the octets as sent (RFC 3030)
+            self._parts = None
+        elif self._parts is not None:
             # RFC 5321 §4.5.2: a line that starts with a dot loses that dot (the content
             # holds no lone-dot line: that was the terminator).
             joined = b"\r\n" + b"".join(self._parts)
@@ -548,7 +639,7 @@ class SinkProtocol(Protocol):
             return
         if self.behaviour.is_plain():
             self._out.append(_MESSAGE_OK)
-            factory.message_accepted(self, sender, recipients, size, content, head)
+            factory.message_accepted(self, sender, recipients, size, content, head, chunked)
             return
         ctx = StageContext(
             Stage.MESSAGE,
@@ -561,7 +652,7 @@ class SinkProtocol(Protocol):
             content=content,
         )
         if self._respond(self.behaviour.decide(ctx), _MESSAGE_OK):
-            factory.message_accepted(self, sender, recipients, size, content, head)
+            factory.message_accepted(self, sender, recipients, size, content, head, chunked)
 
     def _starttls(self) -> None:
         options = self.factory.config.tls_options
@@ -671,6 +762,7 @@ def load_tls_options(certificate_path: Path, key_path: Path) -> SinkTLS:
     return SinkTLS(context)
 
 
+_BAD_BDAT = Reply(501, "5.5.4", "Syntax: BDAT <size> [LAST]")
 _SENDER_OK = replies.SENDER_OK.to_bytes()
 _RECIPIENT_OK = replies.RECIPIENT_OK.to_bytes()
 _START_MAIL_INPUT = replies.START_MAIL_INPUT.to_bytes()

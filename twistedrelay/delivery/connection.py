@@ -143,6 +143,10 @@ class SMTPClientProtocol(Protocol):
         self._message = message
         self._transaction = defer.Deferred()
         result = self._transaction
+        capabilities = self.session.capabilities
+        chunk = (
+            _whole_message(message) if capabilities.chunking and capabilities.pipelining else None
+        )
         self._handle(
             self.session.begin(
                 message.sender,
@@ -151,13 +155,14 @@ class SMTPClientProtocol(Protocol):
                 body_8bit=message.body_8bit,
                 smtputf8=message.smtputf8,
                 mail_params=message.mail_params,
+                chunk=chunk,
             )
         )
         self._flush()
         return result
 
     def reset(self) -> defer.Deferred[SMTPClientProtocol]:
-        """Get ready for the next transaction (RSET only if needed); fires when ready (or fails)."""
+        """RSET for the next transaction; fires when ready (at once when RSET is pipelined)."""
         self.ready = defer.Deferred()
         self._handle(self.session.reset())
         self._flush()
@@ -201,7 +206,7 @@ class SMTPClientProtocol(Protocol):
         if self.session.awaiting is not None:
             stage_timeout = (
                 self.data_timeout
-                if self.session.awaiting == "end of data"
+                if self.session.awaiting in ("end of data", "BDAT")
                 else self.command_timeout
             )
             self._arm_timer(stage_timeout)
@@ -282,6 +287,23 @@ class SMTPClientProtocol(Protocol):
         self._fail_ready(replies.CONVERSATION_TIMED_OUT)
         if self.is_open:
             self.transport.abortConnection()  # type: ignore[union-attr]
+
+
+def _whole_message(message: OutboundMessage) -> bytes | None:
+    """The message as one BDAT chunk, or None when it should go with DATA.
+
+    BDAT sends the bytes as they are (RFC 3030), so only a message whose lines all end in
+    CRLF qualifies (DATA's encoder repairs the others); one with header fields to leave out
+    or larger than CONTENT_WRITE_BYTES is streamed with DATA instead of read whole.
+    """
+    if message.drop_headers or message.content_size + len(message.prepend) > CONTENT_WRITE_BYTES:
+        return None
+    with message.open_content() as content:
+        data = message.prepend + content.read()
+    crlf = data.count(b"\r\n")
+    if data.count(b"\n") != crlf or data.count(b"\r") != crlf or not data.endswith(b"\r\n"):
+        return None
+    return data
 
 
 def _ssl_error_text(error: object) -> str:

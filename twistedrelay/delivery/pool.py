@@ -1,12 +1,13 @@
 """DestinationPool: the outbound connections of one destination, reused across messages.
 
 Owns connection reuse: a connection that finished a transaction is made ready again
-(ClientSession.reset: at once after a reply to the content, else by RSET) and kept idle
-for the next message of the same destination, up to ``reuse_limit`` transactions, and
-closed after ``idle_timeout`` seconds without work. Opening a connection tries the mail
-hosts in order (MX preference) until one greets and accepts EHLO: failover. The number of
-connections is bounded by the scheduler, which starts at most ``window`` jobs per
-destination; the pool never opens more connections than jobs it is asked for.
+(ClientSession.reset: RSET, pipelined in front of the next MAIL when the host offers
+PIPELINING) and kept idle for the next message of the same destination, up to
+``reuse_limit`` transactions, and closed after ``idle_timeout`` seconds without work.
+Opening a connection tries the mail hosts in order (MX preference) until one greets and
+accepts EHLO: failover. The number of connections is bounded by the scheduler, which
+starts at most ``window`` jobs per destination; the pool never opens more connections
+than jobs it is asked for.
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ Events, in the order a connection produces them:
 - :class:`SendContent` -- DATA was accepted (354): write ``encode_content(chunk)`` for
   every chunk of the message, then call :meth:`end_content`.
 - :class:`TransactionComplete` -- one reply per recipient. Call :meth:`reset` to reuse
-  the connection (a :class:`Ready` follows: at once after a reply to the content, after
-  RSET's 250 otherwise) or :meth:`quit`.
+  the connection (a :class:`Ready` follows: at once with PIPELINING, the RSET then going
+  in front of the next MAIL; after RSET's 250 otherwise) or :meth:`quit`.
 - :class:`SessionFailed` -- the connection is unusable (greeting or EHLO/HELO refused,
   421, RSET refused, TLS required but not available, malformed reply). A transaction in
   flight is completed first, its unresolved recipients getting this reply. QUIT is
@@ -35,8 +35,11 @@ in flight. :attr:`ClientSession.awaiting` names the command whose reply is await
 adapter can pick the timeout for the stage.
 
 With PIPELINING (RFC 2920) MAIL, every RCPT and DATA go in one write; without it, one
-command per round trip. Message content is dot-stuffed and CRLF-normalised by
-:class:`ContentEncoder`, correctly across chunk boundaries.
+command per round trip. A host that also offers CHUNKING gets MAIL, the RCPTs and the whole
+message as ``BDAT <size> LAST`` in one write when the adapter passes the message to
+:meth:`ClientSession.begin` (RFC 3030): one round trip per message instead of two.
+Message content for DATA is dot-stuffed and CRLF-normalised by :class:`ContentEncoder`,
+correctly across chunk boundaries.
 """
 
 from __future__ import annotations
@@ -200,6 +203,11 @@ class Capabilities:
     def starttls(self) -> bool:
         """RFC 3207."""
         return "STARTTLS" in self.keywords
+
+    @property
+    def chunking(self) -> bool:
+        """RFC 3030: BDAT may replace DATA."""
+        return "CHUNKING" in self.keywords
 
     @property
     def enhanced_status_codes(self) -> bool:
@@ -379,8 +387,10 @@ class _Command(enum.Enum):
     RCPT = "RCPT TO"
     DATA = "DATA"
     END_OF_DATA = "end of data"
+    BDAT = "BDAT"
     LONE_DOT = "lone dot"
     RSET = "RSET"
+    PIPELINED_RSET = "RSET in front of MAIL"
     QUIT = "QUIT"
 
 
@@ -392,6 +402,7 @@ class _Transaction:
     rcpt_replies: list[Reply | None] = field(default_factory=list)
     data_reply: Reply | None = None
     final_reply: Reply | None = None
+    chunked: bool = False
 
     def has_accepted(self) -> bool:
         return (
@@ -411,6 +422,8 @@ class _Transaction:
                 reply = mail
             elif rcpt is None or not rcpt.is_positive:
                 reply = rcpt or missing
+            elif self.chunked:
+                reply = final
             elif data.code != 354:
                 reply = data
             else:
@@ -448,7 +461,7 @@ class ClientSession:
         self.tls = False
         self.transaction_count = 0
         """Transactions begun on this connection (for the reuse limit)."""
-        self._host_has_transaction = False
+        self._rset_with_next = False  # RSET goes in front of the next transaction's MAIL
 
     # -- adapter-facing API --------------------------------------------------------------
 
@@ -517,8 +530,15 @@ class ClientSession:
         body_8bit: bool = False,
         smtputf8: bool = False,
         mail_params: Mapping[str, str | None] | None = None,
+        chunk: bytes | None = None,
     ) -> list[Event]:
         """Start a transaction: MAIL FROM, one RCPT TO per recipient, DATA.
+
+        With ``chunk`` (the whole message, CRLF line endings) and a host that offers
+        CHUNKING and PIPELINING, the message goes as ``BDAT <size> LAST`` right after the
+        RCPTs, in the same write (RFC 3030): no 354 round trip and no dot-stuffing, and its
+        reply completes the transaction; :class:`SendContent` never comes. Otherwise the
+        chunk is ignored and DATA is used.
 
         :param sender: the reverse-path ("" for the null sender).
         :param recipients: (address, RCPT parameters) pairs; NOTIFY and ORCPT are passed on
@@ -528,6 +548,7 @@ class ClientSession:
         :param smtputf8: the message needs SMTPUTF8 (also implied by non-ASCII addresses).
         :param mail_params: MAIL FROM parameters of the original; RET and ENVID are passed
             on when the host offers DSN.
+        :param chunk: the message to send with BDAT when the host allows it.
         :returns: [] normally; a sent=False :class:`TransactionComplete` when the host
             cannot take the message (SMTPUTF8 not offered: 5.6.7; bigger than its SIZE
             limit: 5.3.4), in which case nothing is written and the session stays ready.
@@ -569,20 +590,30 @@ class ClientSession:
             )
             for address, p in recipients
         ]
+        chunked = chunk is not None and caps.chunking and caps.pipelining
         self._transaction = _Transaction(
-            addresses, rcpt_lines, rcpt_replies=[None] * len(addresses)
+            addresses, rcpt_lines, rcpt_replies=[None] * len(addresses), chunked=chunked
         )
         self._encoder = ContentEncoder()
         self._rcpt_index = 0
         self.transaction_count += 1
-        self._host_has_transaction = True
         self.stage = Stage.TRANSACTION
+        if self._rset_with_next:
+            self._rset_with_next = False
+            self._send(_Command.PIPELINED_RSET, b"RSET\r\n")
         self._send(_Command.MAIL, mail_line)
         if caps.pipelining:
             # RFC 2920 §3.1: MAIL and RCPT may be grouped, and DATA may end the group.
             for line in rcpt_lines:
                 self._send(_Command.RCPT, line)
-            self._send(_Command.DATA, b"DATA\r\n")
+            if chunked:
+                # RFC 3030 §4.2: BDAT may be pipelined after RCPT; with every RCPT refused
+                # the host still reads the chunk and refuses it.
+                assert chunk is not None
+                self._send(_Command.BDAT, b"BDAT %d LAST\r\n" % len(chunk))
+                self._outbox.append(chunk)
+            else:
+                self._send(_Command.DATA, b"DATA\r\n")
         return []
 
     def encode_content(self, chunk: bytes) -> bytes:
@@ -602,16 +633,17 @@ class ClientSession:
         return []
 
     def reset(self) -> list[Event]:
-        """Make the connection ready for another transaction.
+        """Make the connection ready for another transaction with RSET (RFC 5321 §4.1.1.5).
 
-        After the host's reply to the end of the content the host has already cleared its
-        transaction (RFC 5321 §4.1.1.4), so the session is ready at once: a :class:`Ready`
-        is returned and nothing is sent, which saves a round trip per reused message. A
-        transaction that ended earlier (MAIL or every RCPT refused) may have left state on
-        the host: then RSET is sent (RFC 5321 §4.1.1.5) and the :class:`Ready` follows its 250.
+        A host that offers PIPELINING gets the RSET in front of the next transaction's MAIL,
+        in the same write (RFC 2920 §3.1 lets RSET appear anywhere in a group): the session
+        is ready at once (a :class:`Ready` is returned) and reuse costs no round trip. If
+        that RSET is refused, the session fails as below. Without PIPELINING the RSET is
+        sent now and the :class:`Ready` follows its 250.
         """
         self._require(Stage.DONE, Stage.READY)
-        if not self._host_has_transaction:
+        if self.capabilities.pipelining:
+            self._rset_with_next = True
             events: list[Event] = []
             self._become_ready(events)
             return events
@@ -742,19 +774,28 @@ class ClientSession:
 
     def _on_end_of_data(self, reply: Reply, events: list[Event]) -> None:
         self._current().final_reply = reply
-        self._host_has_transaction = False
         self._finish_transaction(reply, events)
 
     def _on_lone_dot(self, reply: Reply, events: list[Event]) -> None:
-        self._host_has_transaction = False
+        self._finish_transaction(reply, events)
+
+    def _on_bdat(self, reply: Reply, events: list[Event]) -> None:
+        self._current().final_reply = reply
         self._finish_transaction(reply, events)
 
     def _on_rset(self, reply: Reply, events: list[Event]) -> None:
         if reply.is_positive:
-            self._host_has_transaction = False
             self._become_ready(events)
         else:
             self._fail(reply, events, send_quit=True)
+
+    def _on_pipelined_rset(self, reply: Reply, events: list[Event]) -> None:
+        if not reply.is_positive:
+            # The transaction behind it cannot be trusted: its recipients are deferred (the
+            # refusal is about the connection, not about them) and the connection is closed
+            # without QUIT (its pipelined DATA may have put the host in the content stage).
+            refused = replies.RSET_REFUSED
+            self._fail(refused.with_text(f"{refused.text}: {reply}"), events, send_quit=False)
 
     def _on_quit(self, reply: Reply, events: list[Event]) -> None:
         self._close()
@@ -770,7 +811,9 @@ class ClientSession:
         _Command.DATA: _on_data,
         _Command.END_OF_DATA: _on_end_of_data,
         _Command.LONE_DOT: _on_lone_dot,
+        _Command.BDAT: _on_bdat,
         _Command.RSET: _on_rset,
+        _Command.PIPELINED_RSET: _on_pipelined_rset,
         _Command.QUIT: _on_quit,
     }
 

@@ -92,6 +92,7 @@ class SinkServer:
         max_size: int = DEFAULT_MAX_SIZE,
         tls_options: SinkTLS | None = None,
         sequence_header: str | None = None,
+        chunking: bool = True,
     ) -> None:
         self.reactor = reactor
         self.behaviour = SinkBehaviour(faults=faults or Faults(), script=script)
@@ -103,6 +104,7 @@ class SinkServer:
             record=True,
             sequence_header=sequence_header,
             tls_options=tls_options,
+            chunking=chunking,
         )
         self.factory = SinkFactory(reactor, config)
         self.factory.message_listeners.append(self._message_arrived)

@@ -542,6 +542,61 @@ def test_begin_needs_a_ready_session_and_recipients():
         ClientSession("relay.test").begin("s@example.org", RECIPIENTS[:1], 1)
 
 
+# -- CHUNKING (RFC 3030) ---------------------------------------------------------------------
+
+EHLO_CHUNKING = b"250-mx.example.test\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 8BITMIME\r\n"
+MESSAGE = b"Subject: x\r\n\r\n.leading dot stays as it is\r\n"
+
+
+def test_chunking_host_gets_the_message_as_bdat_in_the_command_write() -> None:
+    """MAIL, RCPTs and BDAT <size> LAST with the raw message in one write; its 250 decides."""
+    session = ready_session(EHLO_CHUNKING)
+    assert session.begin("s@example.org", RECIPIENTS[:2], len(MESSAGE), chunk=MESSAGE) == []
+    assert session.data_to_send() == (
+        b"MAIL FROM:<s@example.org>\r\nRCPT TO:<a@example.test>\r\n"
+        b"RCPT TO:<b@example.test>\r\nBDAT %d LAST\r\n" % len(MESSAGE) + MESSAGE
+    )
+    assert session.awaiting == "MAIL FROM"
+    events = session.receive(OK + OK + NO_USER + b"250 2.0.0 queued as X\r\n")
+    assert not any(isinstance(e, SendContent) for e in events)
+    assert results(events) == [("a@example.test", 250), ("b@example.test", 550)]
+    (ready,) = session.reset()
+    assert isinstance(ready, Ready)
+    assert session.data_to_send() == b""
+
+
+def test_a_refused_bdat_decides_the_accepted_recipients_and_reuse_starts_with_rset() -> None:
+    """Every RCPT refused: the host refuses the BDAT (RFC 3030 §2); RSET leads the next."""
+    session = ready_session(EHLO_CHUNKING)
+    session.begin("s@example.org", RECIPIENTS[:1], len(MESSAGE), chunk=MESSAGE)
+    session.data_to_send()
+    events = session.receive(OK + NO_USER + b"554 5.5.1 No valid recipients\r\n")
+    assert results(events) == [("a@example.test", 550)]
+    (ready,) = session.reset()
+    assert isinstance(ready, Ready)
+    session.begin("s@example.org", RECIPIENTS[1:2], len(MESSAGE), chunk=MESSAGE)
+    assert session.data_to_send().startswith(b"RSET\r\nMAIL FROM:")
+
+
+def test_a_tempfailed_bdat_defers_the_accepted_recipients() -> None:
+    """A 451 to the BDAT is every accepted recipient's reply."""
+    session = ready_session(EHLO_CHUNKING)
+    session.begin("s@example.org", RECIPIENTS[:2], len(MESSAGE), chunk=MESSAGE)
+    session.data_to_send()
+    events = session.receive(OK + OK + OK + b"451 4.3.0 try later\r\n")
+    assert results(events) == [("a@example.test", 451), ("b@example.test", 451)]
+
+
+def test_without_chunking_or_pipelining_the_chunk_is_ignored_and_data_is_used() -> None:
+    """A host without CHUNKING (or without PIPELINING) gets DATA and a dot-stuffed body."""
+    for ehlo in (EHLO_FULL, b"250-mx.example.test\r\n250 CHUNKING\r\n"):
+        session = ready_session(ehlo)
+        session.begin("s@example.org", RECIPIENTS[:1], len(MESSAGE), chunk=MESSAGE)
+        sent = session.data_to_send()
+        assert b"BDAT" not in sent
+        assert sent.endswith(b"DATA\r\n") or sent == b"MAIL FROM:<s@example.org>\r\n"
+
+
 # -- reuse, QUIT, failures in flight ---------------------------------------------------------
 
 
@@ -555,38 +610,44 @@ def deliver_one(session: ClientSession, recipients=RECIPIENTS[:1]) -> list:
     return session.receive(OK)
 
 
-def test_reuse_after_the_content_reply_needs_no_rset():
-    """After the reply to the content the host has no transaction: ready at once, no RSET."""
+def test_with_pipelining_rset_goes_in_front_of_the_next_mail():
+    """Reuse costs no round trip: Ready at once, RSET pipelined before the next MAIL."""
     session = ready_session()
     assert results(deliver_one(session)) == [("a@example.test", 250)]
     (event,) = session.reset()
     assert isinstance(event, Ready)
     assert session.data_to_send() == b""
-    assert results(deliver_one(session, RECIPIENTS[1:2])) == [("b@example.test", 250)]
-    assert session.transaction_count == 2
-
-
-def test_reuse_after_a_refused_content_needs_no_rset():
-    """A 554 to the content also ends the host's transaction (RFC 5321 §4.1.1.4)."""
-    session = ready_session()
-    session.begin("s@example.org", RECIPIENTS[:1], 10)
-    session.data_to_send()
-    session.receive(OK * 2 + GO_AHEAD)
+    session.begin("s@example.org", RECIPIENTS[1:2], 10)
+    assert session.data_to_send() == (
+        b"RSET\r\nMAIL FROM:<s@example.org> SIZE=10\r\nRCPT TO:<b@example.test>\r\nDATA\r\n"
+    )
+    assert session.receive(OK + OK + OK + GO_AHEAD) == [SendContent()]
     session.encode_content(b"body\r\n")
     session.end_content()
     session.data_to_send()
-    assert results(session.receive(b"554 5.7.1 no\r\n")) == [("a@example.test", 554)]
-    (event,) = session.reset()
-    assert isinstance(event, Ready)
-    assert session.data_to_send() == b""
+    assert results(session.receive(OK)) == [("b@example.test", 250)]
+    assert session.transaction_count == 2
 
 
-def test_rset_after_a_transaction_that_ended_before_the_content():
-    """Every RCPT refused (no DATA sent): the host still holds MAIL, so RSET → 250 → Ready."""
-    session = ClientSession("relay.test")
-    session.receive(b"220 hi\r\n")
+def test_a_refused_pipelined_rset_defers_the_transaction_behind_it():
+    """RSET refused in front of MAIL: its recipients are deferred (451), the session fails
+    and is closed without QUIT (the host may have taken the pipelined DATA)."""
+    session = ready_session()
+    deliver_one(session)
+    session.reset()
+    session.begin("s@example.org", RECIPIENTS[:2], 10)
     session.data_to_send()
-    session.receive(b"250 host.test\r\n")  # no PIPELINING: one command per round trip
+    events = session.receive(b"500 5.5.1 what\r\n" + OK + OK + OK + GO_AHEAD)
+    assert results(events) == [("a@example.test", 451), ("b@example.test", 451)]
+    assert isinstance(events[-1], SessionFailed)
+    assert "refused RSET" in events[-1].reply.text
+    assert session.data_to_send() == b""
+    assert session.stage is Stage.CLOSED
+
+
+def test_without_pipelining_rset_is_sent_at_once_and_ready_follows_its_250():
+    """A host without PIPELINING: RSET → 250 → Ready, then the next transaction."""
+    session = ready_session(EHLO_PLAIN)
     session.begin("s@example.org", RECIPIENTS[:1], 10)
     session.data_to_send()
     session.receive(OK)
@@ -596,15 +657,16 @@ def test_rset_after_a_transaction_that_ended_before_the_content():
     assert session.data_to_send() == b"RSET\r\n"
     (event,) = session.receive(OK)
     assert isinstance(event, Ready)
-    assert results(deliver_one(session, RECIPIENTS[1:2])) == [("b@example.test", 250)]
+    session.begin("s@example.org", RECIPIENTS[1:2], 10)
+    assert session.data_to_send() == b"MAIL FROM:<s@example.org>\r\n"
 
 
 def test_rset_refused_fails_the_session():
     """A host that refuses RSET cannot be reused: the session fails and quits."""
-    session = ready_session()
+    session = ready_session(EHLO_PLAIN)
     session.begin("s@example.org", RECIPIENTS[:1], 10)
     session.data_to_send()
-    session.receive(OK + NO_USER + b"554 no valid recipients\r\n")
+    session.receive(b"550 5.7.1 no\r\n")
     session.reset()
     assert session.data_to_send() == b"RSET\r\n"
     assert session.receive(b"500 what\r\n") == [SessionFailed(Reply(500, None, "what"))]
