@@ -18,6 +18,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import LogEvent, Logger
 
 from twistedrelay.config import parse_config
+from twistedrelay.delivery import service as delivery_service
 from twistedrelay.delivery.service import DeliveryService, build_delivery_service
 from twistedrelay.eventlog import MailLog
 from twistedrelay.hooks import load_plugins
@@ -176,10 +177,14 @@ async def test_mail_committed_claimed_is_delivered_and_released_when_stopping(
     try:
         assert relay.service.owner_for_new() == "w1"
         entry = await commit_claimed()
+        assert entry.content is not None
         relay.service.claimed_new(entry)
-        await sink.wait_for_messages(1, DEADLINE_SECONDS)
+        assert relay.service.content_in_memory == len(entry.content)
+        (message,) = await sink.wait_for_messages(1, DEADLINE_SECONDS)
+        assert message.content == entry.content
         await wait_until(_reactor(), relay.queue_empty, "queue empty")
         assert relay.deliveries(entry.queue_id, "sent")
+        assert relay.service.content_in_memory == 0
         await relay.service.stopService()
         assert relay.service.owner_for_new() is None
         late = await commit_claimed()
@@ -187,6 +192,37 @@ async def test_mail_committed_claimed_is_delivered_and_released_when_stopping(
         assert relay.store.scan_incoming() == [late.queue_id]
     finally:
         relay.store.close()
+        await sink.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_content_in_memory_is_bounded_by_its_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past CONTENT_IN_MEMORY_BUDGET a new claim keeps no content: delivery reads the file."""
+    monkeypatch.setattr(delivery_service, "CONTENT_IN_MEMORY_BUDGET", 1)
+    sink = SinkServer(_reactor())
+    sink.start()
+    relay = Relay(tmp_path, {"routes": {"*": _route(sink)}})
+    relay.service.startService()
+    try:
+        message = relay.store.open_message()
+        message.write(_content(message.queue_id))
+        envelope = Envelope(
+            queue_id=message.queue_id,
+            sender=SENDER,
+            recipients=(Recipient("a@dest.test"),),
+            arrival_time=relay.reactor.seconds(),
+        )
+        entry = await relay.store.commit_claimed(message, envelope, "w1")
+        relay.service.claimed_new(entry)
+        assert relay.service.content_in_memory == 0
+        assert relay.service.active[entry.queue_id].claimed.content is None
+        (received,) = await sink.wait_for_messages(1, DEADLINE_SECONDS)
+        assert received.content == entry.content
+        await wait_until(_reactor(), relay.queue_empty, "queue empty")
+    finally:
+        await relay.stop()
         await sink.stop()
 
 

@@ -117,8 +117,11 @@ async def test_commit_claimed_lands_in_active_as_claim_would_read_it(store):
     assert store.counts()["active"] == 1 and store.counts()["incoming"] == 0
     assert entry.path == store.layout.active_path("w3", queue_id)
     assert entry.owner == "w3" and entry.status == EntryStatus()
+    assert entry.content == BODY  # still in memory: delivery reads no file
     with entry.open_content() as content:
         assert content.read() == BODY
+    with open(entry.path, "rb") as written:
+        assert written.read(len(BODY)) == BODY
     assert store.reclaim("w3") == 1
     read_back = store.claim(queue_id, "w3", "incoming")
     assert read_back is not None
@@ -128,6 +131,19 @@ async def test_commit_claimed_lands_in_active_as_claim_would_read_it(store):
         entry.content_size,
         entry.status,
     )
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_message_written_behind_is_read_from_its_file(store):
+    """Content past SPILL_BYTES went to the file before commit: the entry holds no copy."""
+    message = store.open_message()
+    body = b"x" * 1000 + b"\r\n"
+    for _ in range(2 * SPILL_BYTES // len(body)):
+        message.write(body)
+    entry = await store.commit_claimed(message, _envelope(message.queue_id), "w0")
+    assert entry.content is None
+    with entry.open_content() as content:
+        assert content.read() == body * (2 * SPILL_BYTES // len(body))
 
 
 @pytest_twisted.ensureDeferred

@@ -54,6 +54,9 @@ _log = Logger(namespace="twistedrelay.delivery")
 
 #: The most entries one worker keeps claimed at once (Postfix's active queue limit).
 CLAIM_WINDOW = 20000
+#: The most message content one worker keeps in memory for delivery (bytes), taken from
+#: its own commits; beyond it, and for every other entry, delivery reads the queue file.
+CONTENT_IN_MEMORY_BUDGET = 16 * 1024 * 1024
 #: How much of a bounced message is read to find its header section for the DSN.
 HEADER_READ_LIMIT = 256 * 1024
 #: Spread retries of mail deferred together by up to this share of minimal_backoff.
@@ -119,6 +122,8 @@ class DeliveryService(Service):
         self.client_tls = ClientTLS(config.delivery.ca_file, config.source)
         self.pools: dict[str, DestinationPool] = {}
         self.active: dict[str, ActiveEntry] = {}
+        self.content_in_memory = 0
+        """Bytes of content the active entries hold in memory (ClaimedEntry.content)."""
         self.last_failure: dict[str, Outcome] = {}
         self._attempts: set[defer.Deferred[None]] = set()
         self._scan = LoopingCall(self.scan_queue)
@@ -152,7 +157,7 @@ class DeliveryService(Service):
             await deferLater(self.reactor, 0.05, lambda: None)
         for entry in list(self.active.values()):
             self.store.release(entry.claimed)
-            del self.active[entry.queue_id]
+            self._forget(entry)
         for pool in self.pools.values():
             pool.close()
 
@@ -187,10 +192,20 @@ class DeliveryService(Service):
         return self.owner
 
     def claimed_new(self, claimed: ClaimedEntry) -> None:
-        """Deliver an entry this worker committed straight into active/<owner>/."""
+        """Deliver an entry this worker committed straight into active/<owner>/.
+
+        Its content, when the commit still had it in memory, is kept for delivery while
+        the worker holds less than CONTENT_IN_MEMORY_BUDGET of such content.
+        """
         if self._stopping:
             self.store.release(claimed)  # back to incoming/ for whoever delivers next
             return
+        content = claimed.content
+        if content is not None:
+            if self.content_in_memory + len(content) > CONTENT_IN_MEMORY_BUDGET:
+                claimed = replace(claimed, content=None)
+            else:
+                self.content_in_memory += len(content)
         self._schedule(claimed, "new")
         self._pump()
 
@@ -451,6 +466,12 @@ class DeliveryService(Service):
         if entry.jobs_left <= 0:
             self._finish_entry(entry)
 
+    def _forget(self, entry: ActiveEntry) -> None:
+        """The entry is no longer this worker's to deliver."""
+        del self.active[entry.queue_id]
+        if entry.claimed.content is not None:
+            self.content_in_memory -= len(entry.claimed.content)
+
     def _finish_entry(self, entry: ActiveEntry) -> None:
         if entry.finished:
             return
@@ -484,7 +505,7 @@ class DeliveryService(Service):
             await self._queue_dsn(claimed, bounced, now)
         if self._stopping and entry.queue_id not in self.active:
             return  # released at shutdown
-        del self.active[entry.queue_id]
+        self._forget(entry)
         if deferred:
             delivery = self.config.delivery
             delay = next_attempt_delay(

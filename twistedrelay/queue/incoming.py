@@ -166,6 +166,9 @@ class IncomingMessage:
         self._buffered = 0
         self._in_flight: deque[bytes] = deque()
         self._written = 0
+        self._spilled = False  # some content was handed to the pool before commit()
+        self.content_in_memory: bytes | None = None
+        """After commit(): the whole content when it was never written behind, else None."""
         # Used only by pool jobs, which the chain runs one at a time, in order.
         self._fd: int | None = None
         self._created = False
@@ -249,6 +252,9 @@ class IncomingMessage:
         self._state = _COMMITTED
         trailer = envelope.to_json()
         chunks = self._take_chunks()
+        if not self._spilled:
+            self.content_in_memory = b"".join(chunks)
+            chunks = [self.content_in_memory]
         chunks.append(trailer + FOOTER_FORMAT % (len(trailer), self._size))
         data = b"".join(chunks)
         if claimed_path is None:
@@ -293,6 +299,7 @@ class IncomingMessage:
     def _write_behind(self, chunks: list[bytes]) -> None:
         """Queue a pool job that appends ``chunks``; a failure is remembered, not raised."""
         data = b"".join(chunks)
+        self._spilled = True
         self._in_flight.append(data)
 
         def run(_: None) -> Deferred[None] | None:

@@ -68,7 +68,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, Protocol, TypeVar, cast
+from typing import Any, BinaryIO, Final, Protocol, TypeVar, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
@@ -169,6 +169,8 @@ class ClaimedEntry:
     ``status`` is the delivery status so far (empty when no sidecar exists yet).
     ``may_have_sidecar`` is False only for an entry committed claimed (a new queue ID has
     no sidecar), so completing it skips the unlink of a sidecar that cannot exist.
+    ``content`` is the message content when the committing worker still had it in memory
+    (committed claimed, never written behind): delivery then reads no file.
     """
 
     queue_id: str
@@ -178,13 +180,16 @@ class ClaimedEntry:
     status: EntryStatus
     content_size: int
     may_have_sidecar: bool = True
+    content: bytes | None = None
 
-    def open_content(self) -> io.BufferedReader:
+    def open_content(self) -> BinaryIO:
         """Open the message content for reading, from its first byte to content_size.
 
-        Each call opens the file again, so several deliveries can read it at once. The
-        caller closes the returned file.
+        Each call opens the file again (or reads ``content``), so several deliveries can
+        read it at once. The caller closes the returned file.
         """
+        if self.content is not None:
+            return io.BytesIO(self.content)
         raw = io.FileIO(self.path, "rb")
         return io.BufferedReader(_BoundedReader(raw, self.content_size), _READ_BUFFER_BYTES)
 
@@ -338,6 +343,7 @@ class QueueStore:
                 EntryStatus(),
                 message.size,
                 may_have_sidecar=False,
+                content=message.content_in_memory,
             )
         )
 
