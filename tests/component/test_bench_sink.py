@@ -72,6 +72,17 @@ async def converse(reactor: Any, port: int, payload: bytes, timeout: float = 10.
     return received
 
 
+def feed_in_pieces(payload: bytes, chunk_size: int) -> tuple[SinkFactory, StringTransport]:
+    """A recording sink fed ``payload`` in reads of ``chunk_size`` bytes, without sockets."""
+    factory = SinkFactory(Clock(), SinkConfig(record=True))
+    sink_protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    sink_protocol.makeConnection(transport)
+    for start in range(0, len(payload), chunk_size):
+        sink_protocol.dataReceived(payload[start : start + chunk_size])
+    return factory, transport
+
+
 def codes(replies: bytes) -> list[int]:
     """The codes of the final lines of every reply."""
     return [int(line[:3]) for line in replies.split(b"\r\n") if line[3:4] == b" "]
@@ -106,12 +117,7 @@ def test_data_is_found_whatever_the_chunk_boundaries():
     )
     expected = None
     for chunk_size in (*range(1, 12), 17, 64, len(payload)):
-        factory = SinkFactory(Clock(), SinkConfig(record=True))
-        sink_protocol = factory.buildProtocol(None)
-        transport = StringTransport()
-        sink_protocol.makeConnection(transport)
-        for start in range(0, len(payload), chunk_size):
-            sink_protocol.dataReceived(payload[start : start + chunk_size])
+        factory, transport = feed_in_pieces(payload, chunk_size)
         got = [(m.sender, m.recipients, m.content) for m in factory.messages]
         assert codes(transport.value())[-1] == 221, chunk_size
         if expected is None:
@@ -137,12 +143,7 @@ def test_bdat_chunks_are_recorded_as_sent_whatever_the_read_boundaries():
     refused after its octets; a chunk's bytes never read as commands."""
     expected_codes = [220, 250, 250, 250, 250, 250, 250, 503, 503, 250, 250, 250, 501, 221]
     for chunk_size in (*range(1, 12), 64, len(BDAT_SESSION)):
-        factory = SinkFactory(Clock(), SinkConfig(record=True))
-        sink_protocol = factory.buildProtocol(None)
-        transport = StringTransport()
-        sink_protocol.makeConnection(transport)
-        for start in range(0, len(BDAT_SESSION), chunk_size):
-            sink_protocol.dataReceived(BDAT_SESSION[start : start + chunk_size])
+        factory, transport = feed_in_pieces(BDAT_SESSION, chunk_size)
         assert b"CHUNKING\r\n" in transport.value()
         assert codes(transport.value()) == expected_codes, chunk_size
         assert [(m.sender, m.content) for m in factory.messages] == [

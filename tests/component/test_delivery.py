@@ -119,6 +119,19 @@ def _content(tag: str) -> bytes:
     return f"Subject: test {tag}\r\nMessage-ID: <{tag}@sender.test>\r\n\r\nbody {tag}\r\n".encode()
 
 
+async def _commit_claimed(relay: Relay, owner: str) -> Any:
+    """Accept one message to a@dest.test as the inbound side does: committed claimed."""
+    message = relay.store.open_message()
+    message.write(_content(message.queue_id))
+    envelope = Envelope(
+        queue_id=message.queue_id,
+        sender=SENDER,
+        recipients=(Recipient("a@dest.test"),),
+        arrival_time=relay.reactor.seconds(),
+    )
+    return await relay.store.commit_claimed(message, envelope, owner)
+
+
 def _route(sink: SinkServer) -> str:
     return f"[127.0.0.1]:{sink.port}"
 
@@ -163,16 +176,7 @@ async def test_mail_committed_claimed_is_delivered_and_released_when_stopping(
     relay.service.startService()
 
     async def commit_claimed() -> Any:
-        message = relay.store.open_message()
-        message.write(_content(message.queue_id))
-        envelope = Envelope(
-            queue_id=message.queue_id,
-            sender=SENDER,
-            recipients=(Recipient("a@dest.test"),),
-            arrival_time=relay.reactor.seconds(),
-        )
-        owner = relay.service.owner_for_new() or "w1"
-        return await relay.store.commit_claimed(message, envelope, owner)
+        return await _commit_claimed(relay, relay.service.owner_for_new() or "w1")
 
     try:
         assert relay.service.owner_for_new() == "w1"
@@ -206,15 +210,7 @@ async def test_content_in_memory_is_bounded_by_its_budget(
     relay = Relay(tmp_path, {"routes": {"*": _route(sink)}})
     relay.service.startService()
     try:
-        message = relay.store.open_message()
-        message.write(_content(message.queue_id))
-        envelope = Envelope(
-            queue_id=message.queue_id,
-            sender=SENDER,
-            recipients=(Recipient("a@dest.test"),),
-            arrival_time=relay.reactor.seconds(),
-        )
-        entry = await relay.store.commit_claimed(message, envelope, "w1")
+        entry = await _commit_claimed(relay, "w1")
         relay.service.claimed_new(entry)
         assert relay.service.content_in_memory == 0
         assert relay.service.active[entry.queue_id].claimed.content is None

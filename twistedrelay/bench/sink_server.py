@@ -535,13 +535,17 @@ class SinkProtocol(Protocol):
         if not self._respond(action, _START_MAIL_INPUT):
             return False
         self._state = _STATE_DATA
+        self._start_content()
+        return True
+
+    def _start_content(self) -> None:
+        """A message's content begins (DATA or a first BDAT chunk): keep what is needed."""
         self._data_size = 0
         self._parts = [] if self.factory.wants_content() else None
         if self.factory.stats.sequence is not None and self._parts is None:
             self._head, self._head_size = [], 0
         else:
             self._head = None
-        return True
 
     def _bdat(self, line: bytes) -> None:
         """BDAT <size> [LAST] (RFC 3030): read the chunk's octets as they are."""
@@ -578,12 +582,7 @@ class SinkProtocol(Protocol):
             self._chunk_refusal = action.reply
             return
         self._chunked = True
-        self._data_size = 0
-        self._parts = [] if self.factory.wants_content() else None
-        if self.factory.stats.sequence is not None and self._parts is None:
-            self._head, self._head_size = [], 0
-        else:
-            self._head = None
+        self._start_content()
 
     def _end_of_chunk(self) -> None:
         if self._hang_up_in_data:
