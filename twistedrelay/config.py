@@ -247,6 +247,7 @@ class DeliveryConfig:
     maximal_queue_lifetime: float = _setting(_seconds, 432000.0)
     destination_concurrency: int = _setting(_int(1), 20)
     connection_reuse_limit: int = _setting(_int(1), 100)
+    chunking: bool = _setting(_bool, True)
     idle_timeout: float = _setting(_seconds, 2.0)
     connect_timeout: float = _setting(_seconds, 30.0)
     command_timeout: float = _setting(_seconds, 300.0)

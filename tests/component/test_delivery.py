@@ -431,12 +431,17 @@ def _pad_to(content: bytearray, offset: int) -> None:
 
 
 @pytest_twisted.ensureDeferred
-@pytest.mark.parametrize("chunking", [False, True], ids=["DATA", "BDAT"])
+@pytest.mark.parametrize(
+    ("offered", "enabled"),
+    [(False, True), (True, True), (True, False)],
+    ids=["DATA", "BDAT", "BDAT turned off"],
+)
 async def test_leading_dots_at_chunk_boundaries_arrive_intact(
-    tmp_path: Path, chunking: bool
+    tmp_path: Path, offered: bool, enabled: bool
 ) -> None:
     """Lines starting with '.' at 16 KiB, 64 KiB and after a CR|LF split arrive unchanged,
-    dot-stuffed with DATA, as they are with BDAT (a host offering CHUNKING)."""
+    dot-stuffed with DATA, as they are with BDAT (a host offering CHUNKING, and
+    delivery.chunking on)."""
     content = bytearray(b"Subject: dots\r\n\r\n")
     _pad_to(content, 16 * 1024)
     content += b".dot at 16 KiB\r\n"
@@ -445,15 +450,15 @@ async def test_leading_dots_at_chunk_boundaries_arrive_intact(
     _pad_to(content, 128 * 1024 + 1)  # the 64 KiB chunk ends between CR and LF
     content += b"..two dots after a split CRLF\r\n"
     content += b"last line\r\n"
-    sink = SinkServer(_reactor(), chunking=chunking)
+    sink = SinkServer(_reactor(), chunking=offered)
     sink.start()
-    relay = Relay(tmp_path, {"routes": {"*": _route(sink)}})
+    relay = Relay(tmp_path, {"routes": {"*": _route(sink)}, "chunking": enabled})
     relay.service.startService()
     try:
         await relay.queue(["a@dest.test"], bytes(content))
         (message,) = await sink.wait_for_messages(1, DEADLINE_SECONDS)
         assert message.content == bytes(content)
-        assert sink.stats.messages_bdat == (1 if chunking else 0)
+        assert sink.stats.messages_bdat == (1 if offered and enabled else 0)
         await wait_until(_reactor(), relay.queue_empty, "queue empty")
     finally:
         await relay.stop()

@@ -85,6 +85,7 @@ def test_embedded_default() -> None:
         ("[delivery]\nroutes = { 'x.test' = '[host' }", "delivery.routes"),
         ("[delivery]\nminimal_backoff = 5000", "delivery.minimal_backoff"),
         ("[delivery]\ntls = 'sometimes'", "delivery.tls"),
+        ("[delivery]\nchunking = 'no'", "delivery.chunking"),
         ("[dns]\nnameservers = ['ns.example:53']", "dns.nameservers"),
         ("[metrics]\nlisten = 9464", "metrics.listen"),
         ("[workers]\ncount = -1", "workers.count"),

@@ -76,6 +76,7 @@ class SMTPClientProtocol(Protocol):
 
     :param tls_context: called with the mail host name when the session asks for STARTTLS;
         returns the client TLS connection creator (see tls.ClientTLS).
+    :param chunking: send with BDAT when the host offers CHUNKING (``delivery.chunking``).
     """
 
     def __init__(
@@ -85,8 +86,10 @@ class SMTPClientProtocol(Protocol):
         command_timeout: float,
         data_timeout: float,
         tls_context: Callable[[], Any] | None = None,
+        chunking: bool = True,
     ) -> None:
         self.session = session
+        self.chunking = chunking
         self.reactor = reactor
         self.command_timeout = command_timeout
         self.data_timeout = data_timeout
@@ -145,7 +148,9 @@ class SMTPClientProtocol(Protocol):
         result = self._transaction
         capabilities = self.session.capabilities
         chunk = (
-            _whole_message(message) if capabilities.chunking and capabilities.pipelining else None
+            _whole_message(message)
+            if self.chunking and capabilities.chunking and capabilities.pipelining
+            else None
         )
         self._handle(
             self.session.begin(

@@ -57,6 +57,7 @@ class PoolSettings:
 
     helo_name: str
     reuse_limit: int = 100
+    chunking: bool = True
     idle_timeout: float = 2.0
     connect_timeout: float = 30.0
     command_timeout: float = 300.0
@@ -170,6 +171,7 @@ class DestinationPool:
             self.settings.command_timeout,
             self.settings.data_timeout,
             tls_context=(lambda: creator) if creator is not None else None,
+            chunking=self.settings.chunking,
         )
         connect_tcp(
             self.reactor,

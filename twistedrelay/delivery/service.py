@@ -382,6 +382,7 @@ class DeliveryService(Service):
             settings = PoolSettings(
                 helo_name=self.config.hostname,
                 reuse_limit=delivery.connection_reuse_limit,
+                chunking=delivery.chunking,
                 idle_timeout=delivery.idle_timeout,
                 connect_timeout=delivery.connect_timeout,
                 command_timeout=delivery.command_timeout,

@@ -32,9 +32,9 @@ class _CountingTransport(StringTransport):
 
 
 def _ready_protocol(
-    ehlo: bytes = b"250-mx.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n",
+    ehlo: bytes = b"250-mx.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n", chunking: bool = True
 ) -> tuple[SMTPClientProtocol, _CountingTransport]:
-    protocol = SMTPClientProtocol(ClientSession("relay.test"), Clock(), 300, 600)
+    protocol = SMTPClientProtocol(ClientSession("relay.test"), Clock(), 300, 600, chunking=chunking)
     transport = _CountingTransport()
     protocol.makeConnection(transport)
     protocol.dataReceived(b"220 mx.test\r\n")
@@ -71,6 +71,13 @@ def test_a_chunking_host_gets_commands_and_message_in_one_write() -> None:
     protocol.dataReceived(b"250 ok\r\n250 ok\r\n250 queued\r\n")
     assert [r.reply.code for r in result.result.recipients] == [250]
     assert len(transport.writes) == 1
+
+
+def test_with_chunking_off_a_chunking_host_gets_data() -> None:
+    """delivery.chunking = false: DATA even when the host offers CHUNKING."""
+    protocol, transport = _ready_protocol(CHUNKING, chunking=False)
+    protocol.send(_message(b"Subject: x\r\n\r\nbody\r\n"))
+    assert transport.writes[0].endswith(b"DATA\r\n")
 
 
 @pytest.mark.parametrize(
