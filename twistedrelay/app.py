@@ -93,6 +93,26 @@ class WorkerService(MultiService):
         self.delivery.reload_config(config)
 
 
+def build_session_security(
+    config: Config, reactor: Any
+) -> tuple[ServerTLS | None, Authenticator | None]:
+    """The inbound TLS (``[tls]``) and the AUTH checker (``auth.users_file``) the config asks for.
+
+    :raises ConfigError: a certificate or key that cannot be used.
+    :raises UsersFileError: a users file that cannot be read or has a bad line.
+    A broken file stops the worker with a clear error instead of failing a session.
+    """
+    server_tls = None
+    if config.tls.certificate and config.tls.private_key:
+        server_tls = ServerTLS(config.tls.certificate, config.tls.private_key, config.source)
+    authenticator = None
+    if config.auth.users_file:
+        users = UsersFile(config.auth.users_file)
+        users.reload()
+        authenticator = Authenticator(users, reactor, reactor.getThreadPool())
+    return server_tls, authenticator
+
+
 def build_worker_service(
     config: Config, slot: int, reactor: Any, sockets: Mapping[str, Sequence[InheritedSocket]]
 ) -> IService:
@@ -107,14 +127,7 @@ def build_worker_service(
         state_directory=plugin_state_directory(config),
         run_in_thread=partial(threads.deferToThreadPool, reactor, reactor.getThreadPool()),
     )
-    server_tls = None
-    if config.tls.certificate and config.tls.private_key:
-        server_tls = ServerTLS(config.tls.certificate, config.tls.private_key, config.source)
-    authenticator = None
-    if config.auth.users_file:
-        users = UsersFile(config.auth.users_file)
-        users.reload()  # a broken users file stops the worker with a clear error
-        authenticator = Authenticator(users, reactor, reactor.getThreadPool())
+    server_tls, authenticator = build_session_security(config, reactor)
     delivery = build_delivery_service(
         config, slot, reactor, store=store, metrics=metrics, maillog=maillog, hooks=hooks
     )

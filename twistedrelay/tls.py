@@ -41,8 +41,8 @@ SERVER_CIPHERS_TLS12 = b"ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
 _SERVER_OPTIONS = SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_CIPHER_SERVER_PREFERENCE
 
 
-# The private key types OpenSSL can sign a handshake with.
-_SIGNING_KEY_TYPES = (
+#: The private key types OpenSSL can sign a handshake with (pyOpenSSL's use_privatekey).
+SIGNING_KEY_TYPES = (
     dsa.DSAPrivateKey,
     ec.EllipticCurvePrivateKey,
     ed25519.Ed25519PrivateKey,
@@ -103,7 +103,7 @@ class ServerTLS:
             raise ConfigError(
                 self.source, "tls.certificate", f"{self.certificate}: {_ssl_reason(e)}"
             ) from None
-        if not isinstance(key, _SIGNING_KEY_TYPES):
+        if not isinstance(key, SIGNING_KEY_TYPES):
             raise ConfigError(
                 self.source, "tls.private_key", f"{self.private_key}: unsupported key type"
             )

@@ -27,7 +27,6 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from OpenSSL import SSL
 from twisted.internet import defer
 from twisted.internet.interfaces import (
@@ -47,6 +46,7 @@ from twistedrelay.bench.behaviour import Action, SinkBehaviour, Stage, StageCont
 from twistedrelay.bench.stats import SequenceTracker, extract_header
 from twistedrelay.smtp import replies
 from twistedrelay.smtp.replies import Reply
+from twistedrelay.tls import SIGNING_KEY_TYPES
 
 DEFAULT_MAX_SIZE = 36700160
 _HEAD_BYTES = 16384  # enough for any sane header section when checking a sequence header
@@ -720,16 +720,6 @@ class SinkProtocol(Protocol):
         self._run()
 
 
-# The private key types an OpenSSL context can serve with (pyOpenSSL's use_privatekey).
-_SIGNING_KEY_TYPES = (
-    dsa.DSAPrivateKey,
-    ec.EllipticCurvePrivateKey,
-    ed25519.Ed25519PrivateKey,
-    ed448.Ed448PrivateKey,
-    rsa.RSAPrivateKey,
-)
-
-
 @implementer(IOpenSSLServerConnectionCreator)
 class SinkTLS:
     """Server TLS for the sink's STARTTLS: one pyOpenSSL context, any client accepted."""
@@ -750,7 +740,7 @@ def load_tls_options(certificate_path: Path, key_path: Path) -> SinkTLS:
     """
     chain = x509.load_pem_x509_certificates(certificate_path.read_bytes())
     key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    if not isinstance(key, _SIGNING_KEY_TYPES):
+    if not isinstance(key, SIGNING_KEY_TYPES):
         raise TypeError("Unsupported key type")  # what pyOpenSSL's use_privatekey would raise
     context = SSL.Context(SSL.TLS_SERVER_METHOD)
     context.use_certificate(chain[0])

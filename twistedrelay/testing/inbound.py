@@ -14,7 +14,8 @@ from typing import Any, cast
 
 from twisted.logger import ILogObserver, LogEvent, Logger
 
-from twistedrelay.auth import Authenticator, LoginThrottle, UsersFile
+from twistedrelay.app import build_session_security
+from twistedrelay.auth import LoginThrottle
 from twistedrelay.config import Config, Endpoint, parse_config
 from twistedrelay.eventlog import MailLog
 from twistedrelay.hooks import HookRunner, load_plugins
@@ -23,15 +24,15 @@ from twistedrelay.policy import RelayPolicy
 from twistedrelay.queue.store import QueueStore
 from twistedrelay.smtp.inbound import InboundService
 from twistedrelay.smtp.server import InboundParts
-from twistedrelay.tls import ServerTLS
 
 
 class InboundHarness:
     """Starts InboundService on 127.0.0.1 with a kernel-chosen port and a queue in ``directory``.
 
-    As in app.py, ``[tls]`` settings give the sessions a ServerTLS (STARTTLS, implicit TLS)
-    and ``auth.users_file`` an Authenticator; the listeners' own addresses in ``[smtp]`` are
-    ignored: each mode in ``listeners`` gets one kernel-chosen port on 127.0.0.1.
+    As in a worker, ``[tls]`` settings give the sessions a ServerTLS (STARTTLS, implicit TLS)
+    and ``auth.users_file`` an Authenticator (app.build_session_security); the listeners'
+    own addresses in ``[smtp]`` are ignored: each mode in ``listeners`` gets one
+    kernel-chosen port on 127.0.0.1.
 
     :param settings: TOML-shaped dict for ``parse_config`` (the queue directory is set here).
     :param listeners: listener modes to open ("smtp", "submission", "submissions").
@@ -68,13 +69,7 @@ class InboundHarness:
             if on_queued is not None:
                 on_queued(queue_id)
 
-        server_tls = None
-        if config.tls.certificate and config.tls.private_key:
-            server_tls = ServerTLS(config.tls.certificate, config.tls.private_key, config.source)
-        authenticator = None
-        if config.auth.users_file:
-            users = UsersFile(config.auth.users_file)
-            authenticator = Authenticator(users, reactor, reactor.getThreadPool())
+        server_tls, authenticator = build_session_security(config, reactor)
         self.parts = InboundParts(
             config=config,
             reactor=reactor,
