@@ -127,15 +127,20 @@ async def _deliver_once(
         await sink.stop()
 
 
+def _self_signed_sink(certs: TestCertificates) -> SinkServer:
+    """A sink offering STARTTLS with a certificate no CA issued."""
+    return SinkServer(
+        _reactor(),
+        tls_options=load_tls_options(certs.self_signed_certificate, certs.self_signed_key),
+    )
+
+
 @pytest_twisted.ensureDeferred
 async def test_verify_defers_against_a_self_signed_certificate(
     tmp_path: Path, certs: TestCertificates
 ) -> None:
     """delivery.tls = "verify": a certificate no trusted CA issued defers; nothing is sent."""
-    sink = SinkServer(
-        _reactor(),
-        tls_options=load_tls_options(certs.self_signed_certificate, certs.self_signed_key),
-    )
+    sink = _self_signed_sink(certs)
     line, sink = await _deliver_once(
         tmp_path, sink, {"tls": "verify", "ca_file": str(certs.ca_certificate)}
     )
@@ -166,10 +171,7 @@ async def test_verify_through_tls_policy_for_the_destination(
     tmp_path: Path, certs: TestCertificates
 ) -> None:
     """delivery.tls_policy raises one destination to "verify" over a "may" default."""
-    sink = SinkServer(
-        _reactor(),
-        tls_options=load_tls_options(certs.self_signed_certificate, certs.self_signed_key),
-    )
+    sink = _self_signed_sink(certs)
     line, sink = await _deliver_once(
         tmp_path,
         sink,
@@ -197,10 +199,7 @@ async def test_encrypt_accepts_any_certificate_and_logs_not_verified(
     tmp_path: Path, certs: TestCertificates
 ) -> None:
     """delivery.tls = "encrypt" takes a self-signed certificate: delivered, tls not verified."""
-    sink = SinkServer(
-        _reactor(),
-        tls_options=load_tls_options(certs.self_signed_certificate, certs.self_signed_key),
-    )
+    sink = _self_signed_sink(certs)
     line, sink = await _deliver_once(tmp_path, sink, {"tls": "encrypt"})
     assert "status=sent" in line, line
     assert ", tls=TLSv1.3 not verified, " in line

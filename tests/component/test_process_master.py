@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from twistedrelay.queue.ids import QueueIdGenerator
+from twistedrelay.testing.waiting import poll_until as wait_until
 
 PAYLOADS = "twistedrelay.testing.process_payloads"
 BANNER_RE = re.compile(rb"^220 (\S+) pid=(\d+) slot=(\d+)\r\n$")
@@ -64,17 +65,6 @@ def children_of(pid: int) -> set[int]:
     except FileNotFoundError:
         return set()
     return {int(p) for p in text.split()}
-
-
-def wait_until(condition, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    """Poll ``condition`` every 50 ms until it returns a truthy value, or fail after timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = condition()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 class MasterProcess:

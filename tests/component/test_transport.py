@@ -99,6 +99,7 @@ async def test_client_connection_writes_at_once_and_closes_after_its_data() -> N
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(1)
+    server.settimeout(5)  # accept() and the accepted socket's reads end if nothing comes
     protocol = _Collect()
     factory = ClientFactory.forProtocol(lambda: protocol)
     connect_tcp(_reactor(), "127.0.0.1", server.getsockname()[1], factory, timeout=5)

@@ -22,29 +22,18 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any
+
+from twistedrelay.testing.waiting import poll_until as wait_until  # re-exported to the tests
 
 #: twistd is installed next to the interpreter running the tests (the project's venv).
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 QUEUED_RE = re.compile(r"queued as ([0-9A-F]{20})")
 START_TIMEOUT_SECONDS = 30.0
 STOP_TIMEOUT_SECONDS = 20.0
-
-
-def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``condition`` every 50 ms until it returns a truthy value; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def closed_port() -> int:
@@ -304,13 +293,19 @@ class SinkProcess:
 
     def cleanup(self) -> None:
         """SIGTERM by PID, bounded wait, SIGKILL if it did not stop."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        stop_process(self.proc)
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a helper started with ``start_new_session``: SIGTERM by PID, a bounded wait,
+    then SIGKILL of its process group."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from tests.system.harness import (
     RelayProcess,
     SinkProcess,
     closed_port,
+    stop_process,
     wait_until,
     write_relay_config,
 )
@@ -142,13 +142,7 @@ class PrometheusProcess:
 
     def cleanup(self) -> None:
         """SIGTERM by PID, bounded wait, SIGKILL if it did not stop."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
 
 
 def _scrapes(stack: Stack) -> float:
