@@ -197,7 +197,8 @@ def test_both_workers_accept_connections_on_the_shared_socket(tmp_path, start_ma
 
 
 def test_killed_worker_is_replaced_and_its_claims_are_returned(tmp_path, start_master) -> None:
-    """SIGKILL of a worker: its active/ entries go back to incoming and a new pid takes the slot."""
+    """SIGKILL of a worker: its active/ entries go back to incoming, its spare files are
+    removed, and a new pid takes the slot."""
     master = start_master(write_config(tmp_path / "relay.toml"))
     port = master.port()
     old = master.workers(2)
@@ -207,6 +208,10 @@ def test_killed_worker_is_replaced_and_its_claims_are_returned(tmp_path, start_m
     claimed = [ids.new_id() for _ in range(3)]
     for queue_id in claimed:
         (active / queue_id).write_bytes(b"stand-in entry")
+    tmp = tmp_path / "queue" / "tmp"
+    dead_spare, live_spare = tmp / f"spare.{claimed[0]}.w0", tmp / f"spare.{claimed[1]}.w1"
+    dead_spare.write_bytes(b"delivered")
+    live_spare.write_bytes(b"delivered")
 
     os.kill(old[0], signal.SIGKILL)
     new = wait_until(
@@ -216,8 +221,29 @@ def test_killed_worker_is_replaced_and_its_claims_are_returned(tmp_path, start_m
     assert new[1] == old[1]
     assert sorted(p.name for p in (tmp_path / "queue" / "incoming").iterdir()) == claimed
     assert list(active.iterdir()) == []
+    assert not dead_spare.exists(), "a dead worker's spare files are removed"
+    assert live_spare.exists(), "a live worker's spare files are its own"
     assert process_state(old[0]) is None, "the master must reap its dead worker (no zombie)"
     assert read_banner(port)[1] in new.values()
+
+
+def test_start_up_removes_every_spare_file_but_not_a_fresh_tmp_file(tmp_path, start_master) -> None:
+    """No worker runs before start-up: every spare is unused, a fresh tmp file may not be."""
+    config = write_config(tmp_path / "relay.toml")
+    tmp = tmp_path / "queue" / "tmp"
+    tmp.mkdir(parents=True)
+    queue_id = QueueIdGenerator().new_id()
+    spares = [tmp / f"spare.{queue_id}.w0", tmp / f"spare.{queue_id}.w7"]
+    for spare in spares:
+        spare.write_bytes(b"delivered")
+    fresh = tmp / queue_id
+    fresh.write_bytes(b"a session's file")
+
+    master = start_master(config)
+    master.workers(2)
+
+    assert not any(spare.exists() for spare in spares)
+    assert fresh.exists()
 
 
 def test_sigterm_stops_master_and_workers_with_status_zero(tmp_path, start_master) -> None:

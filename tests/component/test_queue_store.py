@@ -526,3 +526,118 @@ async def test_complete_later_removes_entry_and_sidecar_in_the_pool(store):
     await gatherResults([store.complete_later(entry) for entry in entries])
     assert store.counts() == {"incoming": 0, "active": 0, "deferred": 0, "hold": 0}
     assert _names(store.layout.status) == []
+
+
+# Spare files: delivered entries' files overwritten by new messages (queue/spares.py)
+
+
+async def _commit_claimed(store, body, owner="w0"):
+    message = store.open_message()
+    message.write(body)
+    return await store.commit_claimed(message, _envelope(message.queue_id), owner)
+
+
+async def _deliver(store, *bodies):
+    """Commit each body claimed by w0, then complete them all as delivery does."""
+    entries = [await _commit_claimed(store, body) for body in bodies]
+    for entry in entries:
+        await store.complete_later(entry)
+    return entries
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_delivered_entry_becomes_a_spare_that_the_next_message_overwrites(store):
+    """complete_later() keeps a small entry's file in tmp/; the next commit reuses its
+    inode, cut to the new, shorter length, and reads back exactly."""
+    [delivered] = await _deliver(store, b"long line of a first message\r\n" * 300)
+    spare_name = f"spare.{delivered.queue_id}.w0"
+    assert _names(store.layout.tmp) == [spare_name]
+    assert store.counts() == {"incoming": 0, "active": 0, "deferred": 0, "hold": 0}
+    spare_inode = os.stat(os.path.join(store.layout.tmp, spare_name)).st_ino
+
+    queue_id = await _queue(store)
+
+    assert _names(store.layout.tmp) == []
+    path = store.layout.entry_path("incoming", queue_id)
+    assert os.stat(path).st_ino == spare_inode
+    entry = store.claim(queue_id, "w1", "incoming")
+    assert entry is not None and entry.envelope.sender == "sender@example.org"
+    with entry.open_content() as content:
+        assert content.read() == BODY
+    assert os.path.getsize(entry.path) == len(BODY) + len(entry.envelope.to_json()) + FOOTER_SIZE
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_message_written_behind_into_a_spare_grows_it_and_reads_back(store):
+    """A spare taken by a message past SPILL_BYTES is overwritten piece by piece."""
+    await _deliver(store, BODY)
+    body = b"y" * 998 + b"\r\n"
+    count = 2 * SPILL_BYTES // len(body)
+    entry = await _commit_claimed(store, body * count)
+    assert entry.content is None  # written behind, into the spare
+    assert _names(store.layout.tmp) == []
+    with entry.open_content() as content:
+        assert content.read() == body * count
+    assert (
+        os.path.getsize(entry.path)
+        == entry.content_size + len(entry.envelope.to_json()) + FOOTER_SIZE
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_large_entries_are_unlinked_and_spares_are_bounded(queue_dir):
+    """Past SPARE_CONTENT_LIMIT, or with the store's spares at their limit, an entry is
+    unlinked as before."""
+    from twistedrelay.queue.spares import SPARE_CONTENT_LIMIT, SpareFiles
+
+    store = _open_store(queue_dir)
+    try:
+        store.spares = SpareFiles(store.layout, FileSystem(), limit=2)
+        await _deliver(store, b"z" * (SPARE_CONTENT_LIMIT + 1))
+        assert _names(store.layout.tmp) == []
+        entries = await _deliver(store, BODY, BODY, BODY)
+        assert _names(store.layout.tmp) == sorted(f"spare.{e.queue_id}.w0" for e in entries[:2])
+        assert len(store.spares) == 2
+        assert store.counts()["active"] == 0
+    finally:
+        store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_spare_removed_meanwhile_is_skipped_for_a_new_file(store):
+    """A spare an operator removed is not an error: the commit creates a file instead."""
+    [delivered] = await _deliver(store, BODY)
+    os.unlink(os.path.join(store.layout.tmp, f"spare.{delivered.queue_id}.w0"))
+    queue_id = await _queue(store)
+    entry = store.claim(queue_id, "w0", "incoming")
+    assert entry is not None
+    with entry.open_content() as content:
+        assert content.read() == BODY
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_discarded_message_removes_the_spare_it_had_taken(store):
+    """A spare written behind into and then discarded is unlinked like a new tmp file."""
+    await _deliver(store, BODY)
+    message = store.open_message()
+    message.write(b"x" * (SPILL_BYTES + 1))
+    await _until(lambda: _names(store.layout.tmp) and not store.spares)
+    await message.discard()
+    assert _names(store.layout.tmp) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_remove_spares_by_owner_or_all(store):
+    """remove_spares(owner) takes only that owner's spares; remove_spares() every one;
+    other tmp files are not spares."""
+    entries = [await _commit_claimed(store, BODY, owner) for owner in ("w0", "w1.x")]
+    for entry in entries:
+        await store.complete_later(entry)
+    first, second = entries
+    with open(os.path.join(store.layout.tmp, first.queue_id), "wb"):
+        pass
+    assert store.remove_spares("w1") == 0
+    assert store.remove_spares("w0") == 1
+    assert _names(store.layout.tmp) == sorted([first.queue_id, f"spare.{second.queue_id}.w1.x"])
+    assert store.remove_spares() == 1
+    assert _names(store.layout.tmp) == [first.queue_id]

@@ -69,6 +69,10 @@ class FailingFileSystem(FileSystem):
         self._maybe_fail("write")
         super().write(fd, data)
 
+    def truncate(self, fd, size):
+        self._maybe_fail("truncate")
+        super().truncate(fd, size)
+
     def sync_file(self, fd):
         self._maybe_fail("sync_file")
         super().sync_file(fd)
@@ -108,6 +112,29 @@ async def test_injected_error_gives_its_reply_and_removes_the_partial_file(
         queue_id, error = await _commit(store, b"Subject: y\r\n\r\nbody\r\n")
         assert error is None
         assert store.scan_incoming() == [queue_id]
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("step", ["write", "truncate", "sync_file", "rename"])
+@pytest_twisted.ensureDeferred
+async def test_injected_error_writing_into_a_spare_removes_it(tmp_path, step):
+    """A message overwriting a delivered entry's file (queue/spares.py) fails like a new
+    file: 451 4.3.0, and the half-overwritten file is gone, not left as a spare."""
+    filesystem = FailingFileSystem(step, errno.EIO)
+    filesystem.armed = False
+    store = _open_store(str(tmp_path / "queue"), filesystem)
+    try:
+        message = store.open_message()
+        message.write(b"delivered\r\n" * 100)
+        await store.complete_later(
+            await store.commit_claimed(message, _envelope(message.queue_id), "w0")
+        )
+        assert len(store.spares) == 1
+        filesystem.armed = True
+        _, error = await _commit(store, b"Subject: y\r\n\r\nbody\r\n")
+        assert error is not None and error.reply == replies.LOCAL_ERROR
+        assert _entries(store) == [] and len(store.spares) == 0
     finally:
         store.close()
 

@@ -115,6 +115,9 @@ class ClaimReturner(Protocol):
     def remove_stale_tmp(self, older_than_seconds: float) -> int:
         """Remove abandoned files in tmp/; return how many."""
 
+    def remove_spares(self, owner: str | None = None) -> int:
+        """Remove the spare files of ``owner`` (None: of all) from tmp/; return how many."""
+
 
 class WorkerProcessProtocol(ProcessProtocol):
     """The master's end of one worker: relays its output to the log, reports its end.
@@ -382,6 +385,7 @@ class WorkerSupervisor(Service):
         owner = owner_name(worker.slot)
         try:
             returned = self._queue.reclaim(owner)
+            self._queue.remove_spares(owner)
         except OSError as e:
             log.error("cannot return the entries of {owner}: {error}", owner=owner, error=e)
         else:
@@ -477,19 +481,20 @@ class MasterService(MultiService):
     def prepare(self) -> None:
         """Create the queue and metrics directory, return every claim, add the children.
 
-        No worker runs yet, so every entry in active/ belongs to a dead process, and every
-        file in tmp/ untouched for longer than an SMTP session may pause is abandoned.
+        No worker runs yet, so every entry in active/ belongs to a dead process, every
+        spare file in tmp/ is unused (queue/spares.py), and every other file in tmp/
+        untouched for longer than an SMTP session may pause is abandoned.
         """
         directory = str(self.config.queue.directory)
         QueueStore.create(directory)
         queue = QueueStore(directory, self._reactor, threads=1)
         returned = queue.reclaim_all()
-        removed = queue.remove_stale_tmp(
+        removed = queue.remove_spares() + queue.remove_stale_tmp(
             self.config.smtp.data_timeout + self.config.plugins.hook_timeout
         )
         log.info(
             "queue {directory}: returned {returned} claimed entries to incoming, "
-            "removed {removed} stale files from tmp/",
+            "removed {removed} stale and spare files from tmp/",
             directory=directory,
             returned=returned,
             removed=removed,

@@ -39,7 +39,9 @@ States and moves (layout.py names the directories):
 
 - commit: tmp → incoming (or hold, when a data hook said hold);
 - claim: incoming, deferred (when due) or hold → active/<owner>;
-- from active/<owner>: complete → removed; mark_deferred → deferred; release → incoming;
+- from active/<owner>: complete → removed (complete_later keeps a small entry's file in
+  tmp/ as a spare for a new message to overwrite, spares.py); mark_deferred → deferred;
+  release → incoming;
   reclaim(owner) → incoming (the owner's worker died or the relay restarts);
 - operator moves: hold (incoming or deferred → hold), release_hold (hold → incoming),
   requeue (deferred → incoming).
@@ -93,6 +95,7 @@ from twistedrelay.queue.layout import (
     INCOMING,
     QueueLayout,
 )
+from twistedrelay.queue.spares import SpareFiles, spare_owner
 
 log = Logger()
 
@@ -255,6 +258,7 @@ class QueueStore:
                 )
         self._pool = threadpool
         self.group_commit = CommitBatcher(self._run_in_thread, self._fs, commit_lanes)
+        self.spares = SpareFiles(self.layout, self._fs)
         self._removals: SerialBatcher[ClaimedEntry] = SerialBatcher(
             self._run_in_thread, self._remove_entries
         )
@@ -316,6 +320,7 @@ class QueueStore:
             self._run_in_thread,
             self.group_commit.commit,
             self._after_commit,
+            self.spares,
         )
 
     def commit_claimed(
@@ -462,6 +467,9 @@ class QueueStore:
         never an entry without its status.
         """
         self._fs.remove(entry.path)
+        self._remove_sidecar(entry)
+
+    def _remove_sidecar(self, entry: ClaimedEntry) -> None:
         if entry.may_have_sidecar:
             self._fs.remove(self.layout.status_path(entry.queue_id))
 
@@ -479,10 +487,11 @@ class QueueStore:
         return self._removals.add(entry)
 
     def _remove_entries(self, entries: list[ClaimedEntry]) -> None:
-        """Pool job of complete_later(): remove each entry, then its sidecar."""
+        """Pool job of complete_later(): retire each entry's file, then remove its sidecar."""
         for entry in entries:
             try:
-                self.complete(entry)
+                self.spares.retire(entry.path, entry.owner, entry.queue_id, entry.content_size)
+                self._remove_sidecar(entry)
             except OSError as error:
                 log.error(
                     "cannot remove delivered entry queue_id={queue_id} error={error!r}",
@@ -581,11 +590,31 @@ class QueueStore:
         :returns: how many files were removed.
         """
         cutoff = time.time() - older_than_seconds
+        return self._remove_tmp(
+            lambda item: item.is_file(follow_symlinks=False) and item.stat().st_mtime < cutoff
+        )
+
+    def remove_spares(self, owner: str | None = None) -> int:
+        """Remove the spare files (spares.py) of ``owner``, or of every owner.
+
+        Only for spares no live process uses: a worker's once it has ended, everyone's
+        before the workers start.
+
+        :returns: how many files were removed.
+        """
+        return self._remove_tmp(
+            lambda item: (
+                (found := spare_owner(item.name)) is not None and (owner is None or found == owner)
+            )
+        )
+
+    def _remove_tmp(self, chosen: Callable[[os.DirEntry[str]], bool]) -> int:
+        """Unlink the files of tmp/ that ``chosen`` picks; returns how many."""
         removed = 0
         with os.scandir(self.layout.tmp) as scanner:
             for item in scanner:
                 try:
-                    if item.is_file(follow_symlinks=False) and item.stat().st_mtime < cutoff:
+                    if chosen(item):
                         os.unlink(item.path)
                         removed += 1
                 except FileNotFoundError:
