@@ -3,8 +3,8 @@
 Owns the names of the queue's directories and where an entry of a given state lives. It
 does no I/O beyond creating the directories (that is queue/store.py). The layout::
 
-    <queue>/tmp/             entries being written by an SMTP session, and sidecars being
-                             replaced; never read by delivery
+    <queue>/tmp/             entries being written by an SMTP session, sidecars being
+                             replaced, and spare files (spares.py); never read by delivery
     <queue>/incoming/        durable entries waiting for their first (or a released) attempt
     <queue>/active/<owner>/  entries claimed by one worker slot ("w0", "w1", ...)
     <queue>/deferred/        entries waiting for a retry; mtime = next attempt time
