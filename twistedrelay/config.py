@@ -201,6 +201,7 @@ class SMTPConfig:
     max_header_size: int = _setting(_int(1024), 1048576)
     max_line_length: int = _setting(_int(512), 2048)
     max_errors: int = _setting(_int(1), 20)
+    chunking: bool = _setting(_bool, True)
     command_timeout: float = _setting(_seconds, 300.0)
     data_timeout: float = _setting(_seconds, 600.0)
     max_connections: int = _setting(_int(1), 2000)

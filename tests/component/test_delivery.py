@@ -24,8 +24,9 @@ from twistedrelay.eventlog import MailLog
 from twistedrelay.hooks import load_plugins
 from twistedrelay.metrics import RelayMetrics
 from twistedrelay.queue.entry import Envelope, Recipient
-from twistedrelay.queue.store import QueueStore
+from twistedrelay.queue.store import QueueStore, read_entry_metadata
 from twistedrelay.testing.dns_server import DNSTestServer
+from twistedrelay.testing.inbound import InboundHarness
 from twistedrelay.testing.sink import SinkServer, Stage, delay_at, tempfail_times
 from twistedrelay.testing.waiting import wait_until
 
@@ -463,3 +464,41 @@ async def test_leading_dots_at_chunk_boundaries_arrive_intact(
     finally:
         await relay.stop()
         await sink.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_relay_to_relay_hands_each_message_over_with_bdat(tmp_path: Path) -> None:
+    """Our delivery client and our inbound server agree on CHUNKING (RFC 3030): a receiving
+    twistedrelay gets every message with BDAT (it never says 354) and stores the content
+    byte for byte after its own Received header."""
+    receiver = InboundHarness(_reactor(), tmp_path / "receiver")
+    port = receiver.start()
+    relay = Relay(tmp_path, {"routes": {"*": f"[127.0.0.1]:{port}"}})
+    relay.service.startService()
+    try:
+        sent = set()
+        for number in range(5):
+            content = b"Subject: relayed %d\r\n\r\n.dot line\r\n" % number + b"x" * 3000 + b"\r\n"
+            await relay.queue(["a@dest.test"], content)
+            sent.add(content)
+        await wait_until(_reactor(), lambda: len(receiver.queued) == 5, "5 messages received")
+        await wait_until(_reactor(), relay.queue_empty, "queue empty")
+        stored = set()
+        for queue_id in receiver.queued:
+            path = receiver.store.layout.entry_path("incoming", queue_id)
+            _, content_size = read_entry_metadata(path)
+            with open(path, "rb") as file:
+                content = file.read(content_size)
+            assert content.startswith(b"Received: from relay.example.test")
+            stored.add(content[content.index(b"Subject: ") :])
+        assert stored == sent
+        replies_by_class = {
+            reply_class: receiver.metrics.registry.get_sample_value(
+                "twistedrelay_smtp_replies_total", {"class": reply_class}
+            )
+            for reply_class in ("2xx", "3xx")
+        }
+        assert replies_by_class["3xx"] == 0 and replies_by_class["2xx"] > 0, replies_by_class
+    finally:
+        await relay.stop()
+        await receiver.stop()

@@ -152,7 +152,7 @@ async def test_a_pipelined_group_is_answered_in_one_write(harness: Any) -> None:
         client.settimeout(5)
         await threads.deferToThread(_recv_until, client, b"\r\n")
         client.sendall(b"EHLO client.example\r\n")
-        await threads.deferToThread(_recv_until, client, b"250 SMTPUTF8\r\n")
+        await threads.deferToThread(_recv_until, client, b"250 CHUNKING\r\n")
         (session,) = harness.service.factories["smtp"].sessions
         writes: list[bytes] = []
         write = session.transport.write
@@ -266,3 +266,49 @@ async def test_idle_client_gets_421_timeout(tmp_path: Path) -> None:
         assert str(replies.IDLE_TIMEOUT).encode() in out
     finally:
         await h.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_bdat_chunks_over_a_socket_are_queued_exactly_as_sent(harness: Any) -> None:
+    """RFC 3030 end to end: MAIL, RCPT and two pipelined BDAT chunks; the entry holds the
+    Received header and then the content byte for byte (no unstuffing). A second
+    transaction abandoned by RSET between chunks has its written-behind file removed at
+    once, while the session goes on."""
+    from twistedrelay.testing.waiting import wait_until
+
+    content = b"Subject: chunked\r\n\r\n.not unstuffed\r\n.\r\nafter a lone dot\r\n"
+    first, rest = content[:10], content[10:]
+    abandoned = (b"x" * 998 + b"\r\n") * 70  # past SPILL_BYTES: written behind to tmp/
+    client = await threads.deferToThread(socket.create_connection, ("127.0.0.1", harness.port), 5)
+    try:
+        client.settimeout(5)
+        await threads.deferToThread(_recv_until, client, b"\r\n")
+        client.sendall(
+            b"EHLO client.example\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n"
+            + b"BDAT %d\r\n" % len(first)
+            + first
+            + b"BDAT %d LAST\r\n" % len(rest)
+            + rest
+            + b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n"
+            + b"BDAT %d\r\n" % len(abandoned)
+            + abandoned
+        )
+        out = await threads.deferToThread(_recv_until, client, b"70000 octets received\r\n")
+        tmp = harness.store.layout.tmp
+        await wait_until(_reactor(), lambda: os.listdir(tmp), "the chunk written behind to tmp/")
+        client.sendall(b"RSET\r\n")
+        out += await threads.deferToThread(_recv_until, client, b"250 2.0.0 Ok\r\n")
+        await wait_until(_reactor(), lambda: not os.listdir(tmp), "an empty tmp/")
+        client.sendall(b"QUIT\r\n")
+        out += await threads.deferToThread(_recv_until, client, b"221 2.0.0 Bye\r\n")
+    finally:
+        client.close()
+    (queue_id,) = harness.queued
+    assert b"250 2.0.0 10 octets received\r\n" in out
+    assert replies.queued_as(queue_id).to_bytes() in out
+    path = harness.store.layout.entry_path("incoming", queue_id)
+    envelope, content_size = read_entry_metadata(path)
+    with open(path, "rb") as f:
+        stored = f.read(content_size)
+    assert stored.startswith(b"Received: from ") and stored.endswith(b"\r\n" + content)
+    assert envelope.sender == "a@example.org"

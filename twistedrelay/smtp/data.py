@@ -1,9 +1,11 @@
-"""DATA decoding: raw bytes after ``354`` → message bytes, the end of data, and why to reject.
+"""Message content: DATA (after ``354``) and BDAT chunks → message bytes, and why to reject.
 
 Owns RFC 5321 §4.1.1.4 and §4.5.2 for the inbound side: the end-of-data indicator
 ``<CRLF>.<CRLF>``, dot-unstuffing, and the checks that can only be made on the message
-content (bare CR or LF, size, header section size, Received count). It does not write
-anything anywhere: decoded bytes are returned to the caller, chunk by chunk.
+content (bare CR or LF, size, header section size, Received count), which BDAT content
+(RFC 3030, ChunkDecoder) gets too: its framing is the chunk sizes the session counts, so
+it has no end indicator and no stuffing. It does not write anything anywhere: decoded
+bytes are returned to the caller, chunk by chunk.
 
 Invariants:
 
@@ -34,6 +36,93 @@ _CR_MASK = bytes(1 if byte == _CR else 0 for byte in range(256))
 _LF_MASK = bytes(1 if byte == _LF else 0 for byte in range(256))
 
 
+class _ContentChecks:
+    """The checks of message content, whatever framed it (DATA or BDAT).
+
+    ``line_endings`` takes raw regions that never split a CRLF and never start right after
+    a CR; ``account`` takes the decoded bytes, in order, and returns them, or b"" once the
+    message is known to be refused.
+    """
+
+    def __init__(self, max_size: int, max_received_headers: int, max_header_size: int) -> None:
+        self._max_size = max_size
+        self._max_received = max_received_headers
+        self._max_header_size = max_header_size
+        self.size = 0
+        self._error: Reply | None = None
+        self.bare_line_ending = False
+        self._in_headers = True
+        # Decoded bytes of the current, unfinished header line (starts at a line start).
+        self._header_line = b""
+        self._received = 0
+
+    @property
+    def error(self) -> Reply | None:
+        """Why the message must be rejected, or None. A bare CR/LF takes precedence."""
+        if self.bare_line_ending:
+            return replies.BARE_LINE_ENDING
+        return self._error
+
+    def line_endings(self, region: bytes) -> None:
+        """Note a bare CR or LF in ``region``."""
+        if (
+            region
+            and not self.bare_line_ending
+            and (
+                # The byte before the region is never CR (a CR at the end is carried), so a LF
+                # first is bare; a CR last can only be the end of the final region.
+                region[0] == _LF
+                or region[-1] == _CR
+                # Every CR must be followed by LF and every LF preceded by CR: the LF positions
+                # shifted back by one are exactly the CR positions (two C passes and a memcmp).
+                or region.translate(_LF_MASK)[1:] != region.translate(_CR_MASK)[:-1]
+            )
+        ):
+            self.bare_line_ending = True
+
+    def account(self, decoded: bytes) -> bytes:
+        """Count ``decoded`` toward the limits; return it, or b"" once refused."""
+        self.size += len(decoded)
+        if self._error is None and self.size > self._max_size:
+            self._error = replies.MESSAGE_TOO_BIG
+        if self._in_headers and self._error is None:
+            self._scan_headers(decoded)
+        if self._error is not None or self.bare_line_ending:
+            return b""
+        return decoded
+
+    def _scan_headers(self, decoded: bytes) -> None:
+        """Count Received: fields and measure the header section (RFC 5322 §2.2)."""
+        text = self._header_line + decoded
+        size_before = self.size - len(decoded) - len(self._header_line)
+        if text.startswith(b"\r\n"):
+            header_end = 0
+        else:
+            found = text.find(b"\n\r\n")
+            header_end = found + 1 if found >= 0 else -1
+        if header_end >= 0:
+            complete = text[:header_end]
+            self._in_headers = False
+            self._header_line = b""
+            if size_before + header_end > self._max_header_size:
+                self._error = replies.HEADERS_TOO_BIG
+        else:
+            last_newline = text.rfind(b"\n")
+            complete = text[:last_newline] if last_newline >= 0 else b""
+            self._header_line = text[last_newline + 1 :]
+            if size_before + len(text) > self._max_header_size:
+                self._error = replies.HEADERS_TOO_BIG
+                self._in_headers = False
+                self._header_line = b""
+        if complete:
+            lowered = complete.lower()
+            # A match of "\nreceived:" cannot span the last newline, so lines that are not
+            # complete yet are counted on a later chunk, exactly once.
+            self._received += lowered.count(b"\n" + _RECEIVED) + lowered.startswith(_RECEIVED)
+            if self._received > self._max_received and self._error is None:
+                self._error = replies.TOO_MANY_HOPS
+
+
 class DataDecoder:
     """Decodes one message's DATA section from a stream of chunks.
 
@@ -49,31 +138,20 @@ class DataDecoder:
     """
 
     def __init__(self, max_size: int, max_received_headers: int, max_header_size: int) -> None:
-        self._max_size = max_size
-        self._max_received = max_received_headers
-        self._max_header_size = max_header_size
+        self._checks = _ContentChecks(max_size, max_received_headers, max_header_size)
         # The virtual CRLF that ends the DATA command line; removed from the output.
         self._carry = b"\r\n"
         self._skip = 2
-        self._size = 0
-        self._error: Reply | None = None
-        self._bare_line_ending = False
-        self._in_headers = True
-        # Decoded bytes of the current, unfinished header line (starts at a line start).
-        self._header_line = b""
-        self._received = 0
 
     @property
     def size(self) -> int:
         """Decoded message bytes seen so far (counted even after an error)."""
-        return self._size
+        return self._checks.size
 
     @property
     def error(self) -> Reply | None:
         """Why the message must be rejected, or None. A bare CR/LF takes precedence."""
-        if self._bare_line_ending:
-            return replies.BARE_LINE_ENDING
-        return self._error
+        return self._checks.error
 
     def feed(self, data: bytes) -> tuple[bytes, int | None]:
         """Decode the next chunk of the DATA stream.
@@ -113,60 +191,53 @@ class DataDecoder:
         """Check and unstuff a region that starts at a line start or mid-line, never mid-CRLF."""
         if not region:
             return b""
-        if (
-            not self._bare_line_ending
-            and (
-                # The byte before the region is never CR (a CR at the end is carried), so a LF
-                # first is bare; a CR last can only be the end of the final region.
-                region[0] == _LF
-                or region[-1] == _CR
-                # Every CR must be followed by LF and every LF preceded by CR: the LF positions
-                # shifted back by one are exactly the CR positions (two C passes and a memcmp).
-                or region.translate(_LF_MASK)[1:] != region.translate(_CR_MASK)[:-1]
-            )
-        ):
-            self._bare_line_ending = True
+        self._checks.line_endings(region)
         # RFC 5321 §4.5.2: a leading "." on a line is removed.
         decoded = region.replace(_DOT_LINE, b"\r\n") if has_dot_lines else region
         if self._skip:
             decoded = decoded[self._skip :]
             self._skip = 0
-        self._size += len(decoded)
-        if self._error is None and self._size > self._max_size:
-            self._error = replies.MESSAGE_TOO_BIG
-        if self._in_headers and self._error is None:
-            self._scan_headers(decoded)
-        if self._error is not None or self._bare_line_ending:
-            return b""
-        return decoded
+        return self._checks.account(decoded)
 
-    def _scan_headers(self, decoded: bytes) -> None:
-        """Count Received: fields and measure the header section (RFC 5322 §2.2)."""
-        text = self._header_line + decoded
-        size_before = self._size - len(decoded) - len(self._header_line)
-        if text.startswith(b"\r\n"):
-            header_end = 0
-        else:
-            found = text.find(b"\n\r\n")
-            header_end = found + 1 if found >= 0 else -1
-        if header_end >= 0:
-            complete = text[:header_end]
-            self._in_headers = False
-            self._header_line = b""
-            if size_before + header_end > self._max_header_size:
-                self._error = replies.HEADERS_TOO_BIG
-        else:
-            last_newline = text.rfind(b"\n")
-            complete = text[:last_newline] if last_newline >= 0 else b""
-            self._header_line = text[last_newline + 1 :]
-            if size_before + len(text) > self._max_header_size:
-                self._error = replies.HEADERS_TOO_BIG
-                self._in_headers = False
-                self._header_line = b""
-        if complete:
-            lowered = complete.lower()
-            # A match of "\nreceived:" cannot span the last newline, so lines that are not
-            # complete yet are counted on a later chunk, exactly once.
-            self._received += lowered.count(b"\n" + _RECEIVED) + lowered.startswith(_RECEIVED)
-            if self._received > self._max_received and self._error is None:
-                self._error = replies.TOO_MANY_HOPS
+
+class ChunkDecoder:
+    """Checks one message's BDAT content (RFC 3030) as its chunks arrive.
+
+    BDAT content is counted, not delimited, and not dot-stuffed: it is the message as is.
+    It gets DATA's checks all the same, bare CR or LF included, so that whether a message
+    is accepted does not depend on how the client chose to send it. A CR at the end of one
+    piece is held until the next shows whether LF follows.
+    """
+
+    def __init__(self, max_size: int, max_received_headers: int, max_header_size: int) -> None:
+        self._checks = _ContentChecks(max_size, max_received_headers, max_header_size)
+        self._carry = b""
+
+    @property
+    def size(self) -> int:
+        """Message bytes seen so far (counted even after an error)."""
+        return self._checks.size + len(self._carry)
+
+    @property
+    def error(self) -> Reply | None:
+        """Why the message must be rejected, or None."""
+        return self._checks.error
+
+    def feed(self, data: bytes) -> bytes:
+        """Check the next piece of content; return the message bytes it completes."""
+        buffer = self._carry + data if self._carry else data
+        hold = 1 if buffer.endswith(b"\r") else 0
+        self._carry = buffer[len(buffer) - hold :]
+        region = buffer[: len(buffer) - hold]
+        if not region:
+            return b""
+        self._checks.line_endings(region)
+        return self._checks.account(region)
+
+    def finish(self) -> bytes:
+        """The end of the last chunk: a CR still held is a bare one."""
+        carry, self._carry = self._carry, b""
+        if not carry:
+            return b""
+        self._checks.line_endings(carry)
+        return self._checks.account(carry)

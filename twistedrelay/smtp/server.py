@@ -61,6 +61,7 @@ from twistedrelay.smtp.server_session import (
     Auth,
     AuthContinuation,
     Close,
+    DataAborted,
     DataChunk,
     DataEnd,
     DataStart,
@@ -236,6 +237,7 @@ class SMTPServerProtocol(Protocol):
         self._closed = False
         self._idle_timer: IDelayedCall | None = None
         self._data_timer: IDelayedCall | None = None
+        self._data_command = "DATA"  # or BDAT: how the message in progress is sent
         self._sasl: SASLExchange | None = None
         self._auth_identity: str | None = None
         self._messages_queued = 0
@@ -327,6 +329,9 @@ class SMTPServerProtocol(Protocol):
                 if isinstance(event, DataChunk):
                     if self._message is not None:
                         self._message.write(event.data)
+                elif isinstance(event, DataAborted):
+                    self._cancel_data_timer()
+                    self._discard_message()
                 elif isinstance(event, Output):
                     self._write(event.data)
                 elif isinstance(event, Close):
@@ -364,7 +369,8 @@ class SMTPServerProtocol(Protocol):
     def _answer(self, reply: Reply, event: Event) -> None:
         identity = self._auth_identity if reply.code == 235 else None
         out = self.session.respond(reply, authenticated_as=identity)
-        self._write(out, reply.code)
+        if out:  # nothing for the 354 that lets BDAT chunks in
+            self._write(out, reply.code)
         if isinstance(event, StartTLS) and reply.code == 220:
             self._start_tls()
 
@@ -410,7 +416,7 @@ class SMTPServerProtocol(Protocol):
         if isinstance(event, RcptTo):
             return self._on_rcpt(event)
         if isinstance(event, DataStart):
-            return self._on_data_start()
+            return self._on_data_start(event)
         if isinstance(event, DataEnd):
             return self._on_data_end(event)
         if isinstance(event, StartTLS):
@@ -494,8 +500,9 @@ class SMTPServerProtocol(Protocol):
             ),
         )
 
-    def _on_data_start(self) -> Reply:
+    def _on_data_start(self, event: DataStart) -> Reply:
         # A creation error surfaces at commit(), which answers 451/452 after DATA.
+        self._data_command = "BDAT" if event.chunked else "DATA"
         message = self.parts.store.open_message()
         queue_id = message.queue_id
         self._queue_id, self._message = queue_id, message
@@ -505,15 +512,18 @@ class SMTPServerProtocol(Protocol):
             self._data_timer = self.parts.reactor.callLater(data_timeout, self._timed_out)
         return replies.START_MAIL_INPUT
 
-    def _on_data_end(self, event: DataEnd) -> Reply | defer.Deferred[Reply]:
+    def _cancel_data_timer(self) -> None:
         if self._data_timer is not None and self._data_timer.active():
             self._data_timer.cancel()
+
+    def _on_data_end(self, event: DataEnd) -> Reply | defer.Deferred[Reply]:
+        self._cancel_data_timer()
         message, queue_id = self._message, self._queue_id
         if message is None or queue_id is None:
             return replies.LOCAL_ERROR
         if event.error is not None:
             self._discard_message()
-            self._rejected("DATA", event.error, sender=self.session.sender)
+            self._rejected(self._data_command, event.error, sender=self.session.sender)
             return event.error
         if not self.parts.hooks.has_hook("data"):
             return self._commit(message, queue_id, "incoming", ())
@@ -534,7 +544,7 @@ class SMTPServerProtocol(Protocol):
     ) -> Reply | defer.Deferred[Reply]:
         if decision.verdict in (Verdict.REJECT, Verdict.TEMPFAIL, Verdict.DISCONNECT):
             self._discard_message()
-            return self._reply_for_decision(decision, replies.OK, "DATA", ctx)
+            return self._reply_for_decision(decision, replies.OK, self._data_command, ctx)
         hold_reason = ""
         if decision.verdict is Verdict.HOLD:
             hold_reason = f"{decision.reason or 'data hook'}; {_hook_detail(decision, ctx)}"
@@ -729,6 +739,7 @@ class SMTPServerProtocol(Protocol):
             max_header_size=smtp.max_header_size,
             max_line_length=smtp.max_line_length,
             max_errors=smtp.max_errors,
+            chunking=smtp.chunking,
             starttls_offered=self.parts.server_tls is not None and self.tls is None,
             auth_mechanisms=("PLAIN", "LOGIN") if self._auth_offered() else (),
             auth_requires_tls=self.parts.authenticator is not None,

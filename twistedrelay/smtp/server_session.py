@@ -57,6 +57,14 @@ Rules (the contract with the adapter):
    the transaction. After ``DataEnd`` the transaction is over whatever the reply. When
    ``DataEnd.error`` is set, the message must not be queued; ``DataChunk`` events already
    given must be discarded (none follow the error).
+8. BDAT (RFC 3030 CHUNKING, offered when ``SessionSettings.chunking``): the first BDAT of
+   a transaction is a ``DataStart`` with ``chunked=True``; answer it like DATA's (``354``
+   to take the message: the session sends nothing for it). Then the chunks' bytes come as
+   ``DataChunk`` events, the session answers each chunk but the last itself
+   (``250 2.0.0 <n> octets received``), and the end of the last chunk, or of the first
+   chunk that makes the message refused, is a ``DataEnd`` as for DATA. A refused BDAT
+   (no transaction, or a ``DataStart`` answered otherwise) has its chunk read and
+   dropped, so the session stays in step with a pipelining client.
 
 While a decision is pending the session buffers without bound; the adapter must bound that
 (server.py pauses reading from the transport once the input held since the decision began
@@ -80,7 +88,7 @@ from twistedrelay.smtp.commands import (
     parse_mail_argument,
     parse_rcpt_argument,
 )
-from twistedrelay.smtp.data import DataDecoder
+from twistedrelay.smtp.data import ChunkDecoder, DataDecoder
 from twistedrelay.smtp.replies import Reply
 
 Params = dict[str, str | None]
@@ -102,6 +110,7 @@ class SessionSettings:
     max_header_size: int = 1048576
     max_line_length: int = 2048
     max_errors: int = 20
+    chunking: bool = True
     starttls_offered: bool = False
     auth_mechanisms: tuple[str, ...] = ()
     auth_required: bool = False
@@ -147,7 +156,9 @@ class RcptTo:
 
 @dataclass(frozen=True, slots=True)
 class DataStart:
-    """DATA with at least one accepted recipient: respond ``354`` to receive the message."""
+    """DATA or a transaction's first BDAT (``chunked``): respond ``354`` to take the message."""
+
+    chunked: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +174,11 @@ class DataEnd:
 
     size: int
     error: Reply | None
+
+
+@dataclass(frozen=True, slots=True)
+class DataAborted:
+    """RSET or EHLO/HELO ended a BDAT transaction between chunks: discard its message."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +216,7 @@ Event = (
     | DataStart
     | DataChunk
     | DataEnd
+    | DataAborted
     | StartTLS
     | Auth
     | AuthContinuation
@@ -207,7 +224,10 @@ Event = (
 )
 DECISION_EVENTS = (Helo, MailFrom, RcptTo, DataStart, DataEnd, StartTLS, Auth, AuthContinuation)
 
-_NOT_IMPLEMENTED_VERBS = frozenset({"TURN", "ETRN", "BDAT", "EXPN", "SEND", "SOML", "SAML"})
+_NOT_IMPLEMENTED_VERBS = frozenset({"TURN", "ETRN", "EXPN", "SEND", "SOML", "SAML"})
+#: Digits allowed in a BDAT chunk size (RFC 3030 sets no limit; a larger chunk could not
+#: fit any size limit anyway).
+_MAX_CHUNK_SIZE_DIGITS = 15
 
 
 class ServerSession:
@@ -236,6 +256,13 @@ class ServerSession:
         self._mail_params: Params = {}
         self._recipients: list[tuple[str, Params]] = []
         self._decoder: DataDecoder | None = None
+        # BDAT: the message's checks (first chunk to the end), and the chunk being read.
+        self._chunks: ChunkDecoder | None = None
+        self._chunk_left = 0
+        self._chunk_size = 0
+        self._chunk_last = False
+        self._chunk_reading = False
+        self._chunk_refusal: Reply | None = None  # the chunk is dropped, then this is sent
 
     # -- read-only state ------------------------------------------------------------------
 
@@ -291,8 +318,8 @@ class ServerSession:
 
     @property
     def in_data(self) -> bool:
-        """Whether the session is receiving message data (between 354 and the end)."""
-        return self._decoder is not None
+        """Whether the session is receiving message data (DATA after 354, or BDAT chunks)."""
+        return self._decoder is not None or self._chunks is not None
 
     @property
     def is_closed(self) -> bool:
@@ -353,13 +380,21 @@ class ServerSession:
             if reply.is_positive:
                 self._recipients.append((event.recipient, event.params))
         elif isinstance(event, DataStart):
+            settings = self._settings
+            limits = (
+                settings.max_message_size,
+                settings.max_received_headers,
+                settings.max_header_size,
+            )
+            if event.chunked:
+                self._chunk_reading = True
+                if reply.code != 354:
+                    self._chunk_refusal = reply  # sent once the chunk is read
+                    return b""
+                self._chunks = ChunkDecoder(*limits)
+                return b""
             if reply.code == 354:
-                settings = self._settings
-                self._decoder = DataDecoder(
-                    settings.max_message_size,
-                    settings.max_received_headers,
-                    settings.max_header_size,
-                )
+                self._decoder = DataDecoder(*limits)
         elif isinstance(event, DataEnd):
             self._reset_transaction()
         elif isinstance(event, StartTLS):
@@ -403,6 +438,15 @@ class ServerSession:
         pos = 0
         max_line = self._settings.max_line_length
         while self._pending is None and not self._closed:
+            if self._chunk_reading:
+                take = min(self._chunk_left, len(buffer) - pos)
+                if take:
+                    self._read_chunk(buffer[pos : pos + take], events)
+                    pos += take
+                if self._chunk_left:
+                    break
+                self._end_chunk(events)
+                continue
             if self._decoder is not None:
                 if pos >= len(buffer):
                     break
@@ -493,6 +537,7 @@ class ServerSession:
         if not argument or " " in argument:
             raise CommandSyntaxError(replies.SYNTAX_ERROR)
         # RFC 5321 §4.1.4: EHLO/HELO later in a session resets the transaction like RSET.
+        self._abort_chunks(events)
         self._reset_transaction()
         self._decide(events, Helo(argument, extended))
 
@@ -522,7 +567,7 @@ class ServerSession:
                 if int(value) > self._settings.max_message_size:
                     raise CommandSyntaxError(replies.MESSAGE_TOO_BIG)
             elif keyword == "BODY":
-                # RFC 6152: 7BIT or 8BITMIME (BINARYMIME needs CHUNKING, not offered).
+                # RFC 6152: 7BIT or 8BITMIME (BINARYMIME, RFC 3030 §3, is not offered).
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
                     raise CommandSyntaxError(replies.SYNTAX_ERROR)
             elif keyword == "SMTPUTF8":
@@ -545,6 +590,9 @@ class ServerSession:
     def _on_rcpt(self, argument: str, events: list[Event]) -> None:
         if self._sender is None:
             raise CommandSyntaxError(replies.NEED_MAIL)
+        if self._chunks is not None:
+            # The message is on its way (BDAT): its recipients are fixed.
+            raise CommandSyntaxError(replies.BAD_SEQUENCE)
         recipient, params = parse_rcpt_argument(argument)
         if params and not self._extended:
             raise CommandSyntaxError(replies.PARAMETER_NOT_IMPLEMENTED)
@@ -571,11 +619,69 @@ class ServerSession:
             raise CommandSyntaxError(replies.NEED_MAIL)
         if not self._recipients:
             raise CommandSyntaxError(replies.NEED_RECIPIENTS)
+        if self._chunks is not None:
+            # RFC 3030 §3.1: DATA and BDAT are not mixed in one transaction.
+            raise CommandSyntaxError(replies.BAD_SEQUENCE)
         self._decide(events, DataStart())
+
+    def _on_bdat(self, argument: str, events: list[Event]) -> None:
+        if not (self._extended and self._settings.chunking):
+            raise CommandSyntaxError(replies.COMMAND_NOT_IMPLEMENTED)
+        words = argument.split(" ")
+        if (
+            not 1 <= len(words) <= 2
+            or not words[0].isdigit()
+            or not words[0].isascii()
+            or len(words[0]) > _MAX_CHUNK_SIZE_DIGITS
+            or (len(words) == 2 and words[1].upper() != "LAST")
+        ):
+            # The chunk's size is unknown: its bytes will be read as commands and refused.
+            raise CommandSyntaxError(replies.SYNTAX_ERROR)
+        self._chunk_size = self._chunk_left = int(words[0])
+        self._chunk_last = len(words) == 2
+        refusal = None
+        if self._sender is None:
+            refusal = replies.NEED_MAIL
+        elif not self._recipients:
+            refusal = replies.NEED_RECIPIENTS
+        if refusal is not None:
+            # RFC 3030 §3.2: the chunk is read all the same, then refused.
+            self._chunk_reading, self._chunk_refusal = True, refusal
+        elif self._chunks is None:
+            self._decide(events, DataStart(chunked=True))
+        else:
+            self._chunk_reading = True
+
+    def _read_chunk(self, data: bytes, events: list[Event]) -> None:
+        """Take the next bytes of the chunk being read."""
+        self._chunk_left -= len(data)
+        if self._chunks is not None and self._chunk_refusal is None:
+            decoded = self._chunks.feed(data)
+            if decoded:
+                events.append(DataChunk(decoded))
+
+    def _end_chunk(self, events: list[Event]) -> None:
+        """A chunk is read: answer it, or end the message (last chunk, or refused)."""
+        self._chunk_reading = False
+        if self._chunk_refusal is not None:
+            refusal, self._chunk_refusal = self._chunk_refusal, None
+            self._reply(events, refusal)
+            return
+        chunks = self._chunks
+        assert chunks is not None
+        if self._chunk_last:
+            decoded = chunks.finish()
+            if decoded:
+                events.append(DataChunk(decoded))
+        if self._chunk_last or chunks.error is not None:
+            self._decide(events, DataEnd(chunks.size, chunks.error))
+            return
+        self._reply(events, Reply(250, "2.0.0", f"{self._chunk_size} octets received"))
 
     def _on_rset(self, argument: str, events: list[Event]) -> None:
         if argument:
             raise CommandSyntaxError(replies.SYNTAX_ERROR)
+        self._abort_chunks(events)
         self._reset_transaction()
         self._reply(events, replies.RESET_OK)
 
@@ -652,6 +758,8 @@ class ServerSession:
         if self._settings.auth_mechanisms and not self.is_authenticated:
             lines.append("AUTH " + " ".join(self._settings.auth_mechanisms))
         lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8"]
+        if self._settings.chunking:
+            lines.append("CHUNKING")
         return Reply(250, None, "\n".join(lines))
 
     def _decide(self, events: list[Event], event: Event) -> None:
@@ -685,12 +793,18 @@ class ServerSession:
         events.append(self._closing)
         self._closed = True
 
+    def _abort_chunks(self, events: list[Event]) -> None:
+        """Tell the adapter that the BDAT message in progress will not be completed."""
+        if self._chunks is not None:
+            events.append(DataAborted())
+
     def _reset_transaction(self) -> None:
         """Forget the sender, recipients and data state (RFC 5321 §4.1.1.5)."""
         self._sender = None
         self._mail_params = {}
         self._recipients = []
         self._decoder = None
+        self._chunks = None
 
 
 # Verb → handler, built once (STYLE.md: an explicit table, not getattr dispatch).
@@ -700,6 +814,7 @@ _HANDLERS: dict[str, Callable[[ServerSession, str, list[Event]], None]] = {
     "MAIL": ServerSession._on_mail,
     "RCPT": ServerSession._on_rcpt,
     "DATA": ServerSession._on_data,
+    "BDAT": ServerSession._on_bdat,
     "RSET": ServerSession._on_rset,
     "NOOP": ServerSession._on_noop,
     "QUIT": ServerSession._on_quit,
@@ -714,6 +829,7 @@ __all__ = [
     "Auth",
     "AuthContinuation",
     "Close",
+    "DataAborted",
     "DataChunk",
     "DataEnd",
     "DataStart",

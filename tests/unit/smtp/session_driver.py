@@ -12,6 +12,7 @@ from twistedrelay.smtp.server_session import (
     Auth,
     AuthContinuation,
     Close,
+    DataAborted,
     DataChunk,
     DataEnd,
     DataStart,
@@ -93,6 +94,8 @@ def _record(
         transcript.wire += event.data
     elif isinstance(event, DataChunk):
         transcript._body += event.data
+    elif isinstance(event, DataAborted):
+        transcript._body.clear()
     elif isinstance(event, Close):
         transcript.closed = event.reason
     elif isinstance(event, DECISION_EVENTS):

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from twistedrelay.smtp import replies
-from twistedrelay.smtp.data import DataDecoder
+from twistedrelay.smtp.data import ChunkDecoder, DataDecoder
 from twistedrelay.smtp.replies import Reply
 
 BIG = 1 << 30
@@ -189,3 +189,63 @@ def test_random_bytes_only_end_at_crlf_dot_crlf(data: bytes) -> None:
     end = decode([data])[1]
     first = (b"\r\n" + data).find(b"\r\n.\r\n")
     assert end == (None if first < 0 else first + 3)
+
+
+# BDAT content (RFC 3030): ChunkDecoder
+
+
+def chunk_outcome(chunks: list[bytes], **limits: int) -> tuple[bytes, Reply | None, int]:
+    """Feed BDAT pieces and finish; return body (only without an error), error and size."""
+    decoder = ChunkDecoder(
+        limits.get("max_size", BIG),
+        limits.get("max_received", 50),
+        limits.get("max_header_size", BIG),
+    )
+    body = b"".join(decoder.feed(chunk) for chunk in chunks) + decoder.finish()
+    return (body if decoder.error is None else b""), decoder.error, decoder.size
+
+
+def test_chunk_content_is_the_message_as_is() -> None:
+    """No dot-unstuffing and no end indicator: "." lines and CRLF.CRLF are content."""
+    message = b"Subject: x\r\n\r\n.hello\r\n.\r\n..\r\n"
+    assert chunk_outcome([message]) == (message, None, len(message))
+
+
+def test_chunk_content_gets_the_checks_of_data() -> None:
+    """Bare LF or CR, size, header size and the Received count refuse as with DATA."""
+    assert chunk_outcome([b"a\nb\r\n"])[1] == replies.BARE_LINE_ENDING
+    assert chunk_outcome([b"a\r", b"b\r\n"])[1] == replies.BARE_LINE_ENDING
+    assert chunk_outcome([b"ab\r"])[1] == replies.BARE_LINE_ENDING  # a CR at the very end
+    assert chunk_outcome([b"x" * 11], max_size=10)[1] == replies.MESSAGE_TOO_BIG
+    assert chunk_outcome([b"Received: a\r\n" * 3 + b"\r\n"], max_received=2)[1] == (
+        replies.TOO_MANY_HOPS
+    )
+    assert chunk_outcome([b"Subject: " + b"x" * 20 + b"\r\n\r\n"], max_header_size=10)[1] == (
+        replies.HEADERS_TOO_BIG
+    )
+
+
+def test_a_crlf_split_between_chunks_is_not_bare() -> None:
+    """A CR ending one BDAT chunk and the LF starting the next make one CRLF."""
+    assert chunk_outcome([b"a\r", b"\nb\r", b"\n"]) == (b"a\r\nb\r\n", None, 6)
+
+
+@given(message_and_cuts())
+def test_chunk_splits_never_change_the_result(case: tuple[bytes, list[int]]) -> None:
+    """BDAT content checked in random pieces gives what it gives whole."""
+    data, cuts = case
+    bounds = [0, *cuts, len(data)]
+    chunks = [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    assert chunk_outcome(chunks, max_received=2) == chunk_outcome([data], max_received=2)
+
+
+@given(message_and_cuts())
+def test_bdat_and_data_agree_on_a_message(case: tuple[bytes, list[int]]) -> None:
+    """The same message sent with BDAT (as is) or DATA (stuffed) is accepted or refused alike."""
+    data, _ = case
+    if data and not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    stuffed = (b"." if data.startswith(b".") else b"") + data.replace(b"\r\n.", b"\r\n..")
+    body, ended, data_error, _, rest = outcome([stuffed + b".\r\n"], max_received=2)
+    assert ended and rest == b""
+    assert chunk_outcome([data], max_received=2)[:2] == (body, data_error)

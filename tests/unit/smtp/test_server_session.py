@@ -50,7 +50,7 @@ def test_ehlo_lists_extensions() -> None:
     transcript = run(EHLO)
     assert transcript.text.endswith(
         "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 36700160\r\n250-ENHANCEDSTATUSCODES\r\n"
-        "250-8BITMIME\r\n250 SMTPUTF8\r\n"
+        "250-8BITMIME\r\n250-SMTPUTF8\r\n250 CHUNKING\r\n"
     )
     assert transcript.events == [Helo("client.test", True)]
 
