@@ -104,6 +104,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=1,
         help="runs of each scenario and system; the table shows the median by end-to-end",
     )
+    parser.add_argument(
+        "--load-chunking",
+        action="store_true",
+        help="the load generator sends with BDAT (both systems offer CHUNKING); default DATA",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the run directory (queues, logs)")
     parser.add_argument("--report", type=Path, help="only print the tables of a saved results.json")
     args = parser.parse_args(argv)
@@ -292,6 +297,7 @@ class Harness:
                     connections=self.args.connections,
                     rate=rate,
                     timeout_seconds=self.args.send_timeout,
+                    chunking=self.args.load_chunking,
                 )
                 expected = int(sent.report["recipients_accepted"])
                 done_at = self.sink.wait_for_recipients(
@@ -442,6 +448,7 @@ def main(argv: list[str]) -> int:
             "connections": args.connections,
             "workers": args.worker_counts,
             "repeat": args.repeat,
+            "load_chunking": args.load_chunking,
         },
     }
     harness: Harness | None = None

@@ -54,12 +54,14 @@ def run_send(
     connections: int,
     rate: float,
     timeout_seconds: float,
+    chunking: bool = False,
     command: list[str] | None = None,
 ) -> SendResult:
     """Run the generator against 127.0.0.1:``target_port`` until done or the hard timeout.
 
     :param messages: messages in all (ignored when ``duration_seconds`` is set).
     :param rate: messages/s in all (0: as fast as the server accepts).
+    :param chunking: send with BDAT where the server offers CHUNKING (``--chunking``).
     :raises RuntimeError: the generator printed no report.
     """
     command = command or [str(Path(sys.executable).with_name("twistedrelay"))]
@@ -88,6 +90,7 @@ def run_send(
         str(rate),
         "--timeout",
         str(timeout_seconds),
+        *(["--chunking"] if chunking else []),
     ]
     progress_arrivals: list[float] = []
     stderr_path = directory / f"send-{scenario.name}.err"

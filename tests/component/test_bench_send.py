@@ -81,6 +81,48 @@ async def test_without_pipelining_one_command_at_a_time(reactor):
 
 
 @pytest_twisted.ensureDeferred
+async def test_chunking_sends_every_message_with_bdat(reactor):
+    """--chunking with a sink that offers CHUNKING: MAIL/RCPT/BDAT LAST, every message once;
+    a transaction whose recipient is refused is a failed message and the next one goes on."""
+    sink = SinkServer(reactor, sequence_header="X-Sequence")
+    port = sink.start()
+    try:
+        report = await run_load(reactor, port, connections=4, messages=400, chunking=True)
+        refused = await run_load(
+            reactor,
+            port,
+            MessageBuilder(recipient_template="reject{n}@d{k}.example.test"),
+            connections=2,
+            messages=10,
+            chunking=True,
+        )
+    finally:
+        await sink.stop()
+    assert report.messages_accepted == 400 and report.chunking_used
+    assert report.errors == {} and len(report.latencies) == 400
+    stats = sink.stats.as_dict(reactor.seconds())
+    assert stats["messages_bdat"] == stats["messages"] == 400
+    assert stats["sequence"]["unique_messages"] == 400
+    assert stats["sequence"]["duplicate_deliveries"] == 0
+    assert all(len(m.content) == 1024 for m in sink.messages)
+    assert refused.messages_failed == 10 and refused.messages_accepted == 0
+    assert refused.recipients_refused == 10 and not refused.timed_out
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_chunking_offered_data_is_used(reactor):
+    """--chunking asks, it does not force: a sink without CHUNKING gets DATA."""
+    sink = SinkServer(reactor, chunking=False)
+    port = sink.start()
+    try:
+        report = await run_load(reactor, port, connections=2, messages=20, chunking=True)
+    finally:
+        await sink.stop()
+    assert report.messages_accepted == 20 and not report.chunking_used
+    assert sink.stats.messages_bdat == 0
+
+
+@pytest_twisted.ensureDeferred
 async def test_recipients_are_spread_over_domains(reactor):
     """10 recipients per message over 5 domains: 5 domains seen, every recipient counted."""
     sink = SinkServer(reactor)

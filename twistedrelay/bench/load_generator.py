@@ -3,12 +3,15 @@
 Owns the Twisted client side of the benchmark: N sending connections, each carrying many
 messages (a new MAIL after each final reply, RSET after a failed transaction), MAIL/RCPT/DATA
 sent as one group when the server offers PIPELINING (RFC 2920), and the next group sent right
-behind the end of data. Like Postfix's smtp-source it is a standalone tool: it shares no code
-with the relay's own ClientSession, so the tool that measures the relay cannot share its bugs.
+behind the end of data. With ``chunking`` and a server that offers CHUNKING (RFC 3030),
+MAIL, the RCPTs and ``BDAT <size> LAST`` with the message go as one write instead, and the
+next transaction starts after its reply. Like Postfix's smtp-source it is a standalone tool:
+it shares no code with the relay's own ClientSession, so the tool that measures the relay
+cannot share its bugs.
 
 Every run is bounded: by a message count or a duration, and by a hard timeout that aborts
 every connection. The acceptance latency of a message is the time from writing its final
-``.`` to reading the reply to it.
+``.`` (with BDAT: its MAIL…BDAT group) to reading the reply to it.
 """
 
 from __future__ import annotations
@@ -49,6 +52,9 @@ class SendOptions:
     rate: float = 0.0
     """Target messages per second over all connections (0: as fast as possible)."""
     pipelining: bool = True
+    chunking: bool = False
+    """Send each message as MAIL, RCPTs and ``BDAT <size> LAST`` in one write (RFC 3030)
+    when the server offers CHUNKING and PIPELINING; else DATA."""
     helo: str = "bench.example.test"
     messages_per_connection: int = 0
     """Reconnect after this many transactions on one connection (0: never)."""
@@ -85,6 +91,7 @@ class SendReport:
     bytes_sent: int = 0
     connections_opened: int = 0
     pipelining_used: bool = False
+    chunking_used: bool = False
     errors: dict[str, int] = field(default_factory=dict)
     latencies: list[float] = field(default_factory=list)
     idle_requested: int = 0
@@ -119,6 +126,7 @@ class SendReport:
             "bytes_sent": self.bytes_sent,
             "connections_opened": self.connections_opened,
             "pipelining_used": self.pipelining_used,
+            "chunking_used": self.chunking_used,
             "idle": {
                 "requested": self.idle_requested,
                 "established": self.idle_established,
@@ -345,7 +353,7 @@ class LoadGenerator:
 
 # -- one sending connection --------------------------------------------------------------
 
-_GREETING, _EHLO, _HELO, _MAIL, _RCPT, _DATA, _DOT, _RSET, _NOOP, _QUIT = range(10)
+_GREETING, _EHLO, _HELO, _MAIL, _RCPT, _DATA, _DOT, _RSET, _NOOP, _QUIT, _BDAT = range(11)
 
 
 @dataclass(slots=True)
@@ -373,6 +381,7 @@ class SenderProtocol(Protocol):
         self._expect: deque[tuple[int, _Transaction | None]] = deque()
         self._outbox: deque[tuple[bytes, int, _Transaction | None]] = deque()
         self._pipelining = False
+        self._chunking = False
         self._needs_reset = False
         self._transactions = 0
         self._closing = False
@@ -445,6 +454,12 @@ class SenderProtocol(Protocol):
         if kind == _DOT:
             assert txn is not None
             self._end_of_data_reply(code, txn)
+        elif kind == _BDAT:
+            assert txn is not None
+            if txn.accepted:
+                self._end_of_data_reply(code, txn)
+            else:  # refused for want of a recipient: the server kept the MAIL
+                self._abandon(txn)
         elif kind == _RCPT:
             assert txn is not None
             self._recipient_reply(code, txn)
@@ -469,9 +484,14 @@ class SenderProtocol(Protocol):
                 self._write([(b"HELO " + self._helo + b"\r\n", _HELO, None)])
                 return
             offered = any(line[4:].upper().startswith(b"PIPELINING") for line in lines[1:])
-            self._pipelining = offered and self.generator.options.pipelining
+            options = self.generator.options
+            self._pipelining = offered and options.pipelining
             if self._pipelining:
                 self.report.pipelining_used = True
+            chunking = any(line[4:].upper().startswith(b"CHUNKING") for line in lines[1:])
+            self._chunking = chunking and options.chunking and self._pipelining
+            if self._chunking:
+                self.report.chunking_used = True
             self._start_next()
         elif kind == _HELO:
             if code != 250:
@@ -587,7 +607,14 @@ class SenderProtocol(Protocol):
         commands.append((b"MAIL FROM:<" + message.sender + b">\r\n", _MAIL, txn))
         for recipient in message.recipients:
             commands.append((b"RCPT TO:<" + recipient + b">\r\n", _RCPT, txn))
-        commands.append((b"DATA\r\n", _DATA, txn))
+        if self._chunking:
+            # The builder's content has no line starting with ".": as sent with DATA.
+            content = message.content
+            commands.append((b"BDAT %d LAST\r\n" % len(content) + content, _BDAT, txn))
+            self.report.bytes_sent += len(content)
+            txn.written_at = time.perf_counter()
+        else:
+            commands.append((b"DATA\r\n", _DATA, txn))
         self._write(commands)
 
     def _write(self, commands: list[tuple[bytes, int, _Transaction | None]]) -> None:

@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="pipeline MAIL/RCPT/DATA when the server offers PIPELINING",
     )
+    parser.add_argument(
+        "--chunking",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="send MAIL/RCPT/BDAT LAST in one write when the server offers CHUNKING",
+    )
     parser.add_argument("--rate", type=float, default=0.0, help="messages/s in all (0: max)")
     parser.add_argument(
         "--messages-per-connection", type=int, default=0, help="reconnect after N (0: never)"
@@ -82,6 +88,7 @@ def options_from_args(args: argparse.Namespace) -> tuple[SendOptions, MessageBui
         duration_seconds=args.duration or 0.0,
         rate=args.rate,
         pipelining=args.pipelining,
+        chunking=args.chunking,
         helo=args.helo,
         messages_per_connection=args.messages_per_connection,
         hold_idle=args.hold_idle,
