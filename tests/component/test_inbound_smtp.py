@@ -143,10 +143,9 @@ def _recv_until(sock: socket.socket, end: bytes) -> bytes:
     return data
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_pipelined_group_is_answered_in_one_write(harness: Any) -> None:
-    """MAIL, two RCPTs and DATA sent together get their four replies in one transport write
-    (one send and one segment: RFC 2920 §3.2), not one write per reply."""
+async def _writes_answering(harness: Any, group: bytes, replies: int) -> tuple[bytes, list]:
+    """Send EHLO, then ``group`` in one write; its ``replies`` reply lines and the server's
+    writes."""
     client = await threads.deferToThread(socket.create_connection, ("127.0.0.1", harness.port), 5)
     try:
         client.settimeout(5)
@@ -162,20 +161,47 @@ async def test_a_pipelined_group_is_answered_in_one_write(harness: Any) -> None:
             write(data)
 
         session.transport.write = counting_write
-        client.sendall(
-            b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n"
-            b"RCPT TO:<c@example.net>\r\nDATA\r\n"
-        )
-        out = await threads.deferToThread(_recv_until, client, b".<CR><LF>\r\n")
-        assert [line[:3] for line in out.split(b"\r\n") if line] == [
-            b"250",
-            b"250",
-            b"250",
-            b"354",
-        ]
-        assert writes == [out]
+        client.sendall(group)
+        out = b""
+        while out.count(b"\r\n") < replies:
+            chunk = await threads.deferToThread(client.recv, 4096)  # 5 s timeout
+            assert chunk, f"the server closed after {out!r}"
+            out += chunk
+        return out, writes
     finally:
         client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pipelined_group_is_answered_in_one_write(harness: Any) -> None:
+    """MAIL, two RCPTs and DATA sent together get their four replies in one transport write
+    (one send and one segment: RFC 2920 §3.2), not one write per reply."""
+    out, writes = await _writes_answering(
+        harness,
+        b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n"
+        b"RCPT TO:<c@example.net>\r\nDATA\r\n",
+        4,
+    )
+    assert [line[:3] for line in out.split(b"\r\n") if line] == [b"250", b"250", b"250", b"354"]
+    assert writes == [out]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bdat_group_is_answered_in_one_write_after_the_commit(harness: Any) -> None:
+    """MAIL, RCPT and BDAT LAST together: the replies to MAIL and RCPT wait for the commit's
+    and leave with it in one write. Sent ahead alone, they would hold the last reply back
+    for the client's delayed ACK (40 ms) under Nagle's algorithm."""
+    content = b"Subject: x\r\n\r\nbody\r\n"
+    out, writes = await _writes_answering(
+        harness,
+        b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n"
+        + b"BDAT %d LAST\r\n" % len(content)
+        + content,
+        3,
+    )
+    assert [line[:3] for line in out.split(b"\r\n") if line] == [b"250", b"250", b"250"]
+    assert b"queued as " in out
+    assert writes == [out]
 
 
 @pytest_twisted.ensureDeferred

@@ -199,7 +199,11 @@ def _one_write(
 
     A pipelined group (MAIL, RCPT…, DATA) is answered in one TCP segment, as RFC 2920 §3.2
     suggests, and with one system call: the transport writes at once
-    (twistedrelay.transport), so separate writes would each be a send and a packet.
+    (twistedrelay.transport), so separate writes would each be a send and a packet. While
+    a decision of the group is still being made (a hook, the commit of a message sent with
+    BDAT), the replies before it wait for it: a pipelining client reads none of them
+    before it has all, and a first small segment sent alone would hold the next one back
+    for the client's delayed ACK (Nagle's algorithm: 40 ms on Linux).
     """
 
     @functools.wraps(method)
@@ -211,7 +215,8 @@ def _one_write(
             return method(self, *args)
         finally:
             self._coalescing = False
-            self._send_output()
+            if not self._waiting:
+                self._send_output()
 
     return entry_point
 
