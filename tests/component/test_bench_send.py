@@ -37,6 +37,15 @@ async def run_load(
     return await LoadGenerator(reactor, send_options, builder).run()
 
 
+async def run_against(reactor: Any, sink: SinkServer, *runs: dict[str, Any]) -> list[SendReport]:
+    """Start ``sink``, make one generator run per options dict against it, stop it."""
+    port = sink.start()
+    try:
+        return [await run_load(reactor, port, **options) for options in runs]
+    finally:
+        await sink.stop()
+
+
 @pytest_twisted.ensureDeferred
 async def test_every_message_arrives_once_and_stats_agree(reactor):
     """2000 pipelined messages over 5 connections: all accepted, none lost or duplicated."""
@@ -70,11 +79,7 @@ async def test_every_message_arrives_once_and_stats_agree(reactor):
 async def test_without_pipelining_one_command_at_a_time(reactor):
     """--no-pipelining still delivers everything, with the requested number of connections."""
     sink = SinkServer(reactor)
-    port = sink.start()
-    try:
-        report = await run_load(reactor, port, connections=3, messages=150, pipelining=False)
-    finally:
-        await sink.stop()
+    [report] = await run_against(reactor, sink, dict(connections=3, messages=150, pipelining=False))
     assert report.messages_accepted == 150 and not report.pipelining_used
     assert sink.stats.connections_total == 3
     assert sink.stats.connections_max_concurrent == 3
@@ -85,19 +90,13 @@ async def test_chunking_sends_every_message_with_bdat(reactor):
     """--chunking with a sink that offers CHUNKING: MAIL/RCPT/BDAT LAST, every message once;
     a transaction whose recipient is refused is a failed message and the next one goes on."""
     sink = SinkServer(reactor, sequence_header="X-Sequence")
-    port = sink.start()
-    try:
-        report = await run_load(reactor, port, connections=4, messages=400, chunking=True)
-        refused = await run_load(
-            reactor,
-            port,
-            MessageBuilder(recipient_template="reject{n}@d{k}.example.test"),
-            connections=2,
-            messages=10,
-            chunking=True,
-        )
-    finally:
-        await sink.stop()
+    rejecting = MessageBuilder(recipient_template="reject{n}@d{k}.example.test")
+    report, refused = await run_against(
+        reactor,
+        sink,
+        dict(connections=4, messages=400, chunking=True),
+        dict(builder=rejecting, connections=2, messages=10, chunking=True),
+    )
     assert report.messages_accepted == 400 and report.chunking_used
     assert report.errors == {} and len(report.latencies) == 400
     stats = sink.stats.as_dict(reactor.seconds())
@@ -113,11 +112,7 @@ async def test_chunking_sends_every_message_with_bdat(reactor):
 async def test_without_chunking_offered_data_is_used(reactor):
     """--chunking asks, it does not force: a sink without CHUNKING gets DATA."""
     sink = SinkServer(reactor, chunking=False)
-    port = sink.start()
-    try:
-        report = await run_load(reactor, port, connections=2, messages=20, chunking=True)
-    finally:
-        await sink.stop()
+    [report] = await run_against(reactor, sink, dict(connections=2, messages=20, chunking=True))
     assert report.messages_accepted == 20 and not report.chunking_used
     assert sink.stats.messages_bdat == 0
 
