@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from load.procs import stop_process
+
 VENV_BIN = Path(sys.executable).parent
 TIMEOUT_SECONDS = 300.0
 
@@ -267,13 +269,7 @@ def main() -> int:
             if spy.poll() is None:
                 spy.kill()
         for proc in (relay, sink):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(5)
+            stop_process(proc, timeout_seconds=15)
         if args.keep:
             print(f"kept {work}", file=sys.stderr)
         else:
