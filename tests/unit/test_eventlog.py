@@ -223,14 +223,19 @@ def test_json_observer_writes_other_events_and_failures_too():
     assert "ZeroDivisionError" in second["traceback"]
 
 
-def test_configure_twistd_logger_installs_json_when_asked(tmp_path):
-    """format = "json" sets twistd's logger factory to JSON lines, honouring --logfile."""
+def _twistd_observer(log_file, log_format):
+    """The observer twistd builds for ``--logfile log_file`` once the plugin configured it."""
     options = ServerOptions()
-    options["logfile"] = str(tmp_path / "relay.log")
-    configure_twistd_logger(options, "json")
+    options["logfile"] = str(log_file)
+    configure_twistd_logger(options, log_format)
     # twistd's own postOptions runs after the plugin's and imports --logger by dotted name.
     options.postOptions()
-    observer = options["logger"]()
+    return options["logger"]()
+
+
+def test_configure_twistd_logger_installs_json_when_asked(tmp_path):
+    """format = "json" sets twistd's logger factory to JSON lines, honouring --logfile."""
+    observer = _twistd_observer(tmp_path / "relay.log", "json")
     Logger(namespace="t", observer=observer).info("hello {who}", who="ops")
     observer._out.close()
     (line,) = (tmp_path / "relay.log").read_text().splitlines()
@@ -239,11 +244,7 @@ def test_configure_twistd_logger_installs_json_when_asked(tmp_path):
 
 def test_configure_twistd_logger_text_writes_twistds_format(tmp_path):
     """format = "text" installs an observer writing exactly twistd's own classic lines."""
-    options = ServerOptions()
-    options["logfile"] = str(tmp_path / "relay.log")
-    configure_twistd_logger(options, "text")
-    options.postOptions()
-    observer = options["logger"]()
+    observer = _twistd_observer(tmp_path / "relay.log", "text")
     event = {
         "log_format": "hello {who}",
         "who": "ops",

@@ -228,16 +228,15 @@ class ChunkDecoder:
         buffer = self._carry + data if self._carry else data
         hold = 1 if buffer.endswith(b"\r") else 0
         self._carry = buffer[len(buffer) - hold :]
-        region = buffer[: len(buffer) - hold]
-        if not region:
-            return b""
-        self._checks.line_endings(region)
-        return self._checks.account(region)
+        return self._take(buffer[: len(buffer) - hold])
 
     def finish(self) -> bytes:
         """The end of the last chunk: a CR still held is a bare one."""
         carry, self._carry = self._carry, b""
-        if not carry:
+        return self._take(carry)
+
+    def _take(self, region: bytes) -> bytes:
+        if not region:
             return b""
-        self._checks.line_endings(carry)
-        return self._checks.account(carry)
+        self._checks.line_endings(region)
+        return self._checks.account(region)
