@@ -89,8 +89,13 @@ class WorkerService(MultiService):
         if self.parts.server_tls is not None:
             self.parts.server_tls.reload()
         self.parts.config = config
-        self.parts.policy = RelayPolicy(config.relay.mynetworks, config.relay.domains)
+        self.parts.policy = build_relay_policy(config)
         self.delivery.reload_config(config)
+
+
+def build_relay_policy(config: Config) -> RelayPolicy:
+    """The relay permission and the postmaster mailbox of ``config`` (policy.py)."""
+    return RelayPolicy(config.relay.mynetworks, config.relay.domains, config.postmaster)
 
 
 def build_session_security(
@@ -135,7 +140,7 @@ def build_worker_service(
         config=config,
         reactor=reactor,
         store=store,
-        policy=RelayPolicy(config.relay.mynetworks, config.relay.domains),
+        policy=build_relay_policy(config),
         hooks=hooks,
         maillog=maillog,
         metrics=metrics,

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from twistedrelay.routing import NextHop, is_ip_address, is_valid_route_key, parse_next_hop
+from twistedrelay.smtp.addresses import check_mailbox
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_CONFIG_NAME = "<embedded default>"
@@ -142,6 +143,13 @@ def _domain(value: Any) -> str:
     return domain
 
 
+def _mailbox(value: Any) -> str:
+    mailbox = _str(value)
+    if mailbox:
+        check_mailbox(mailbox)
+    return mailbox
+
+
 def _routes(value: Any) -> Mapping[str, NextHop]:
     if not isinstance(value, dict):
         raise ValueError(f'expected a table of domain = "next hop", got {value!r}')
@@ -218,6 +226,7 @@ class RelayConfig:
         lambda: (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")),
     )
     domains: tuple[str, ...] = _setting(_list_of(_domain), tuple)
+    postmaster: str = _setting(_mailbox, "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,6 +338,11 @@ class Config:
     def worker_count(self) -> int:
         """``workers.count``, with 0 meaning one per CPU core."""
         return self.workers.count or os.cpu_count() or 1
+
+    @property
+    def postmaster(self) -> str:
+        """The mailbox that mail to the bare ``<postmaster>`` goes to (RFC 5321 §4.5.1)."""
+        return self.relay.postmaster or f"postmaster@{self.hostname}"
 
 
 _TABLES: dict[str, type] = {

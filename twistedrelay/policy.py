@@ -4,6 +4,10 @@ Pure. The rule (DESIGN.md, "Relay control"): a client in ``relay.mynetworks`` or
 authenticated client may relay to any domain; anyone else may only send to the relay's own
 ``relay.domains``. Everything else is refused with ``554 5.7.1`` at RCPT. Plugins run after
 this check and can only narrow it: an open relay is a defect.
+
+The one recipient every client may send to is the bare ``<postmaster>`` (RFC 5321 §4.5.1:
+a relay MUST accept it). The relay has no mailboxes of its own, so such mail is queued for
+the configured postmaster mailbox (``relay.postmaster``, by default postmaster@hostname).
 """
 
 from __future__ import annotations
@@ -25,9 +29,13 @@ class RelayPolicy:
     :param mynetworks: networks whose clients may relay anywhere.
     :param domains: domains anyone may send to; ``.example.org`` also matches every
         subdomain of example.org.
+    :param postmaster: the mailbox that mail to the bare ``<postmaster>`` is queued for.
     """
 
-    def __init__(self, mynetworks: Iterable[IPNetwork], domains: Iterable[str]) -> None:
+    def __init__(
+        self, mynetworks: Iterable[IPNetwork], domains: Iterable[str], postmaster: str
+    ) -> None:
+        self.postmaster = postmaster
         self._v4 = tuple(n for n in mynetworks if n.version == 4)
         self._v6 = tuple(n for n in mynetworks if n.version == 6)
         domains = [d.lower().rstrip(".") for d in domains]
@@ -65,6 +73,10 @@ class RelayPolicy:
         if domain in self._exact:
             return True
         return any(domain.endswith(parent) for parent in self._parents)
+
+    def queued_recipient(self, recipient: str) -> str:
+        """The mailbox an accepted RCPT is queued for: ``recipient``, or the postmaster's."""
+        return self.postmaster if recipient.lower() == "postmaster" else recipient
 
     def check_recipient(
         self, client_address: str, authenticated: bool, recipient_domain: str

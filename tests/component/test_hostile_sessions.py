@@ -20,12 +20,12 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogEvent, globalLogPublisher
 
+from twistedrelay.app import build_relay_policy
 from twistedrelay.auth import Authenticator, LoginThrottle, UsersFile, set_password
 from twistedrelay.config import parse_config
 from twistedrelay.eventlog import MailLog
 from twistedrelay.hooks import load_plugins
 from twistedrelay.metrics import RelayMetrics
-from twistedrelay.policy import RelayPolicy
 from twistedrelay.queue.store import QueueStore
 from twistedrelay.smtp.server import InboundParts, SMTPServerFactory
 
@@ -90,7 +90,7 @@ def factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SMTPServerFact
         config=config,
         reactor=clock,
         store=store,
-        policy=RelayPolicy(config.relay.mynetworks, config.relay.domains),
+        policy=build_relay_policy(config),
         hooks=load_plugins(config.plugins, clock),
         maillog=MailLog(),
         metrics=RelayMetrics(),

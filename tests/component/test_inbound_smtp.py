@@ -239,6 +239,47 @@ async def test_open_relay_matrix_over_loopback(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_anyone_may_mail_the_bare_postmaster_which_goes_to_its_mailbox(
+    tmp_path: Path,
+) -> None:
+    """RFC 5321 §4.5.1: <postmaster> is accepted from a stranger and queued for
+    ``relay.postmaster``, though that mailbox's domain is not one a stranger may reach."""
+    h = InboundHarness(
+        _reactor(),
+        tmp_path,
+        {
+            "relay": {
+                "mynetworks": ["127.0.0.1/32"],
+                "domains": ["example.org"],
+                "postmaster": "ops@foreign.test",
+            }
+        },
+    )
+    port = h.start()
+    try:
+        out = await threads.deferToThread(
+            _chat,
+            port,
+            [
+                b"EHLO x\r\n",
+                b"MAIL FROM:<a@x.test>\r\n",
+                b"RCPT TO:<Postmaster>\r\n",
+                b"RCPT TO:<ops@foreign.test>\r\n",
+                b"DATA\r\n",
+                b"Subject: abuse report\r\n\r\nbody\r\n.\r\n",
+                b"QUIT\r\n",
+            ],
+            "127.0.0.2",
+        )
+    finally:
+        await h.stop()
+    assert str(replies.RELAY_DENIED).encode() in out  # the mailbox itself is still foreign
+    (queue_id,) = h.queued
+    envelope, _ = read_entry_metadata(h.store.layout.entry_path("incoming", queue_id))
+    assert [r.address for r in envelope.recipients] == ["ops@foreign.test"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_bare_lf_in_data_is_rejected_and_nothing_queued(harness: Any) -> None:
     """SMTP smuggling: a bare LF in DATA rejects the message; no queue file remains."""
     lines = [

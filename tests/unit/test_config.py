@@ -72,6 +72,15 @@ def test_embedded_default() -> None:
     assert config.delivery.routes == {}
 
 
+def test_postmaster_mailbox_defaults_to_the_relays_hostname() -> None:
+    """<postmaster> goes to relay.postmaster, or to postmaster@hostname when it is unset."""
+    assert parse_config({"hostname": "relay.test"}, "r.toml").postmaster == "postmaster@relay.test"
+    configured = parse_config(
+        {"hostname": "relay.test", "relay": {"postmaster": "ops@example.org"}}, "r.toml"
+    )
+    assert configured.postmaster == "ops@example.org"
+
+
 @pytest.mark.parametrize(
     ("toml", "key"),
     [
@@ -82,6 +91,7 @@ def test_embedded_default() -> None:
         ("[smtp]\nunknown = 1", "smtp.unknown"),
         ("[relay]\nmynetworks = ['10.0.0.0/33']", "relay.mynetworks"),
         ("[relay]\ndomains = ['not a domain']", "relay.domains"),
+        ("[relay]\npostmaster = 'postmaster'", "relay.postmaster"),
         ("[delivery]\nroutes = { 'x.test' = '[host' }", "delivery.routes"),
         ("[delivery]\nminimal_backoff = 5000", "delivery.minimal_backoff"),
         ("[delivery]\ntls = 'sometimes'", "delivery.tls"),

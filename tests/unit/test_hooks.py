@@ -392,7 +392,7 @@ def test_a_plugin_that_accepts_everything_cannot_open_the_relay():
         return Decision.accept()
 
     r, _ = runner(("open_relay", {"rcpt": accept_all}))
-    policy = RelayPolicy([], ["example.org"])
+    policy = RelayPolicy([], ["example.org"], "postmaster@relay.test")
     assert (
         check_recipient(r, policy, "203.0.113.5", "victim@elsewhere.example")
         == replies.RELAY_DENIED
@@ -404,7 +404,7 @@ def test_a_plugin_that_accepts_everything_cannot_open_the_relay():
 def test_a_plugin_can_narrow_relay_permission():
     """A rcpt hook may refuse a recipient core policy allowed."""
     r, _ = runner(("deny", {"rcpt": lambda ctx: Decision.reject(REJECTED)}))
-    policy = RelayPolicy([], ["example.org"])
+    policy = RelayPolicy([], ["example.org"], "postmaster@relay.test")
     assert check_recipient(r, policy, "203.0.113.5", "user@example.org") == REJECTED
 
 

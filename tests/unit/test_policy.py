@@ -10,6 +10,7 @@ from twistedrelay.smtp import replies
 POLICY = RelayPolicy(
     [ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128")],
     ["example.org", ".sub.example.net"],
+    "admin@example.org",
 )
 
 
@@ -42,5 +43,19 @@ def test_relay_matrix(client: str, authenticated: bool, domain: str, permitted: 
 
 def test_empty_mynetworks_trusts_nobody() -> None:
     """With no mynetworks, even loopback is a stranger."""
-    policy = RelayPolicy([], [])
+    policy = RelayPolicy([], [], "postmaster@relay.test")
     assert policy.check_recipient("127.0.0.1", False, "foreign.test") == replies.RELAY_DENIED
+
+
+@pytest.mark.parametrize("recipient", ["postmaster", "Postmaster", "POSTMASTER"])
+def test_bare_postmaster_is_queued_for_the_postmaster_mailbox(recipient: str) -> None:
+    """RFC 5321 §4.5.1: <postmaster> in any case goes to the configured mailbox."""
+    assert POLICY.queued_recipient(recipient) == "admin@example.org"
+
+
+@pytest.mark.parametrize(
+    "recipient", ["postmaster@example.org", "postmaster@foreign.test", "user@example.org"]
+)
+def test_other_recipients_are_queued_as_given(recipient: str) -> None:
+    """Only the bare form is special: postmaster@domain is an ordinary mailbox."""
+    assert POLICY.queued_recipient(recipient) == recipient

@@ -619,11 +619,14 @@ class SMTPServerProtocol(Protocol):
         dropped_headers: tuple[tuple[str, str | None], ...] = (),
     ) -> Envelope:
         session = self.session
+        policy = self.parts.policy
         params = dict(session.mail_params)
         return Envelope(
             queue_id=queue_id,
             sender=session.sender or "",
-            recipients=tuple(Recipient(r, dict(p)) for r, p in session.recipients),
+            recipients=tuple(
+                Recipient(policy.queued_recipient(r), dict(p)) for r, p in session.recipients
+            ),
             arrival_time=self.parts.reactor.seconds(),
             mail_params=params,
             client_address=self.client_address,

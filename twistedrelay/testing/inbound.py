@@ -14,13 +14,12 @@ from typing import Any, cast
 
 from twisted.logger import ILogObserver, LogEvent, Logger
 
-from twistedrelay.app import build_session_security
+from twistedrelay.app import build_relay_policy, build_session_security
 from twistedrelay.auth import LoginThrottle
 from twistedrelay.config import Config, Endpoint, parse_config
 from twistedrelay.eventlog import MailLog
 from twistedrelay.hooks import HookRunner, load_plugins
 from twistedrelay.metrics import RelayMetrics
-from twistedrelay.policy import RelayPolicy
 from twistedrelay.queue.store import QueueStore
 from twistedrelay.smtp.inbound import InboundService
 from twistedrelay.smtp.server import InboundParts
@@ -74,7 +73,7 @@ class InboundHarness:
             config=config,
             reactor=reactor,
             store=self.store,
-            policy=RelayPolicy(config.relay.mynetworks, config.relay.domains),
+            policy=build_relay_policy(config),
             hooks=hooks if hooks is not None else load_plugins(config.plugins, reactor),
             maillog=MailLog(Logger(namespace="twistedrelay.mail", observer=capture)),
             metrics=self.metrics,
