@@ -393,6 +393,46 @@ async def test_null_mx_and_nxdomain_bounce_and_mx_failover(tmp_path: Path) -> No
 
 
 @pytest_twisted.ensureDeferred
+async def test_reload_with_new_nameservers_resolves_with_them(tmp_path: Path) -> None:
+    """SIGHUP's new [dns] nameservers answer the next lookup; the old ones' cache is gone."""
+    reactor = _reactor()
+    sink = SinkServer(reactor)
+    port = sink.start()
+    old_dns = DNSTestServer({"moved.test": {"MX": [[0, "."]]}})  # null MX: would bounce
+    new_dns = DNSTestServer({"moved.test": {"A": ["127.0.0.1"]}})
+    old_port, new_port = old_dns.start(reactor), new_dns.start(reactor)
+    relay = Relay(
+        tmp_path,
+        {"smtp_port": port, "routes": {"sender.test": _route(sink)}},
+        nameservers=[f"127.0.0.1:{old_port}"],
+    )
+    relay.service.startService()
+    try:
+        bounced = await relay.queue(["x@moved.test"])
+        await wait_until(reactor, lambda: relay.deliveries(bounced, "bounced"), "null MX bounced")
+        relay.service.reload_config(
+            parse_config(
+                {
+                    "hostname": relay.config.hostname,
+                    "queue": {"directory": str(relay.config.queue.directory)},
+                    "delivery": {"smtp_port": port, "routes": {"sender.test": _route(sink)}},
+                    "dns": {"nameservers": [f"127.0.0.1:{new_port}"], "timeout": 2},
+                },
+                "<test>",
+            )
+        )
+        sent = await relay.queue(["y@moved.test"])
+        await wait_until(reactor, lambda: relay.deliveries(sent, "sent"), "delivered by A")
+        assert new_dns.queries_for("moved.test", "MX") == 1
+        assert old_dns.queries_for("moved.test", "MX") == 1
+    finally:
+        await relay.stop()
+        await old_dns.stop()
+        await new_dns.stop()
+        await sink.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_three_domains_share_one_entry(tmp_path: Path) -> None:
     """One message to three routed domains: each sink gets it once; one file, removed at the end."""
     reactor = _reactor()

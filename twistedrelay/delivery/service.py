@@ -162,7 +162,13 @@ class DeliveryService(Service):
             pool.close()
 
     def reload_config(self, config: Config) -> None:
-        """Apply new routes and limits (SIGHUP); connections in use are not dropped."""
+        """Apply new routes, limits and nameservers (SIGHUP); connections in use are not dropped.
+
+        New nameservers get a new resolver, so that no answer of the old ones is reused;
+        lookups already running finish with the old one.
+        """
+        if config.dns != self.config.dns:
+            self.resolver = build_resolver(config, self.reactor)
         self.config = config
         self.routes = RouteTable(config.delivery.routes)
         self.client_tls = ClientTLS(config.delivery.ca_file, config.source)
@@ -574,12 +580,17 @@ def build_delivery_service(
     The relay-wide ``destination_concurrency`` is shared among the workers, so the limit
     holds for the whole relay: each worker may open limit // workers (at least one).
     """
-    resolver = Resolver(
+    share = concurrency_share(config)
+    resolver = build_resolver(config, reactor)
+    return DeliveryService(
+        config, f"w{slot}", reactor, store, resolver, metrics, maillog, hooks, share
+    )
+
+
+def build_resolver(config: Config, reactor: Any) -> Resolver:
+    """The resolver of ``[dns]`` (nameservers, timeout)."""
+    return Resolver(
         reactor,
         [(ns.host, ns.port) for ns in config.dns.nameservers],
         timeout_seconds=config.dns.timeout,
-    )
-    share = concurrency_share(config)
-    return DeliveryService(
-        config, f"w{slot}", reactor, store, resolver, metrics, maillog, hooks, share
     )
