@@ -43,6 +43,17 @@ def _chat(port: int, lines: list[bytes], source: str = "127.0.0.1") -> bytes:
         return out
 
 
+def _chat_then_shut(port: int, data: bytes) -> bytes:
+    """Send ``data``, shut the sending side (as ``nc -N`` does), read until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out
+
+
 @pytest.fixture
 def harness(tmp_path: Path) -> Any:
     h = InboundHarness(_reactor(), tmp_path, {"relay": {"domains": ["example.org"]}})
@@ -277,6 +288,31 @@ async def test_anyone_may_mail_the_bare_postmaster_which_goes_to_its_mailbox(
     (queue_id,) = h.queued
     envelope, _ = read_entry_metadata(h.store.layout.entry_path("incoming", queue_id))
     assert [r.address for r in envelope.recipients] == ["ops@foreign.test"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_shuts_its_side_after_sending_still_gets_every_reply(
+    harness: Any,
+) -> None:
+    """A half-closed client's message is queued and answered 250, then 221: it must not be
+    left to think the message was lost (and send it again)."""
+    session = (
+        b"EHLO x\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
+        b"Subject: half-closed\r\n\r\nbody\r\n.\r\nQUIT\r\n"
+    )
+    out = await threads.deferToThread(_chat_then_shut, harness.port, session)
+    (queue_id,) = harness.queued
+    assert f"250 2.0.0 Ok: queued as {queue_id}".encode() in out, out
+    assert out.endswith(b"221 2.0.0 Bye\r\n"), out
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_message_cut_off_by_a_half_close_is_not_queued(harness: Any) -> None:
+    """Input that ends inside DATA answers what came before, queues nothing and closes."""
+    session = b"EHLO x\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@example.org>\r\nDATA\r\nno end\r\n"
+    out = await threads.deferToThread(_chat_then_shut, harness.port, session)
+    assert out.endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n"), out
+    assert harness.queued == []
 
 
 @pytest_twisted.ensureDeferred

@@ -21,7 +21,12 @@ from typing import Protocol as TypingProtocol
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
-from twisted.internet.interfaces import IAddress, IDelayedCall, IHandshakeListener
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IHandshakeListener,
+)
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -221,7 +226,7 @@ def _one_write(
     return entry_point
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, IHalfCloseableProtocol)
 class SMTPServerProtocol(Protocol):
     """One inbound SMTP session: ServerSession ↔ transport, decisions, queue file."""
 
@@ -240,6 +245,7 @@ class SMTPServerProtocol(Protocol):
         self._held = 0  # bytes received while the current decision is pending
         self._paused = False
         self._closed = False
+        self._input_ended = False  # the client shut its sending side
         self._idle_timer: IDelayedCall | None = None
         self._data_timer: IDelayedCall | None = None
         self._data_command = "DATA"  # or BDAT: how the message in progress is sent
@@ -280,6 +286,7 @@ class SMTPServerProtocol(Protocol):
             self.transport.resumeProducing()  # type: ignore[union-attr]
             self._write(self.session.greeting(), 220)
             self._pump(b"")
+            self._close_if_input_ended()
             return
         reply = decision.reply or replies.SERVICE_NOT_AVAILABLE
         self._rejected("CONNECT", reply, detail=_hook_detail(decision, ctx))
@@ -298,6 +305,24 @@ class SMTPServerProtocol(Protocol):
             if self._held > HELD_INPUT_LIMIT and not self._paused:
                 self._paused = True
                 self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def readConnectionLost(self) -> None:  # noqa: N802 (Twisted's name)
+        """The client shut its sending side (``shutdown(SHUT_WR)``, ``nc -N``): answer, then close.
+
+        What it sent before is still answered: a message whose end arrived is still
+        committed and its 250 sent, so that the client does not send it again; a message
+        cut off is discarded. Twisted would otherwise close both sides at once.
+        """
+        self._input_ended = True
+        self._close_if_input_ended()
+
+    def writeConnectionLost(self) -> None:  # noqa: N802 (Twisted's name)
+        """Our sending side is shut (IHalfCloseableProtocol; TCP never reports it): close."""
+        self.close_now(None)
+
+    def _close_if_input_ended(self) -> None:
+        if self._input_ended and not self._waiting:
+            self.close_now(None)
 
     @override
     def connectionLost(self, reason: Failure | None = None) -> None:
@@ -370,6 +395,7 @@ class SMTPServerProtocol(Protocol):
             self.transport.resumeProducing()  # type: ignore[union-attr]
         self._answer(reply, event)
         self._pump(b"")
+        self._close_if_input_ended()
 
     def _answer(self, reply: Reply, event: Event) -> None:
         identity = self._auth_identity if reply.code == 235 else None
