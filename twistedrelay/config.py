@@ -143,6 +143,15 @@ def _domain(value: Any) -> str:
     return domain
 
 
+def _text_line_limit(value: Any) -> int:
+    limit: int = _int(0)(value)
+    if 0 < limit < 1000:
+        raise ValueError(
+            f"expected 0 (no limit) or at least 1000 (RFC 5321 §4.5.3.1.6), got {limit}"
+        )
+    return limit
+
+
 def _mailbox(value: Any) -> str:
     mailbox = _str(value)
     if mailbox:
@@ -208,6 +217,7 @@ class SMTPConfig:
     max_received_headers: int = _setting(_int(1), 50)
     max_header_size: int = _setting(_int(1024), 1048576)
     max_line_length: int = _setting(_int(512), 2048)
+    max_text_line_length: int = _setting(_text_line_limit, 1000)
     max_errors: int = _setting(_int(1), 20)
     chunking: bool = _setting(_bool, True)
     command_timeout: float = _setting(_seconds, 300.0)

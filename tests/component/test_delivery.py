@@ -518,7 +518,8 @@ async def test_relay_to_relay_hands_each_message_over_with_bdat(tmp_path: Path) 
     try:
         sent = set()
         for number in range(5):
-            content = b"Subject: relayed %d\r\n\r\n.dot line\r\n" % number + b"x" * 3000 + b"\r\n"
+            # The last line has 1,000 octets with its CRLF: the most RFC 5321 allows.
+            content = b"Subject: relayed %d\r\n\r\n.dot line\r\n" % number + b"x" * 998 + b"\r\n"
             await relay.queue(["a@dest.test"], content)
             sent.add(content)
         await wait_until(_reactor(), lambda: len(receiver.queued) == 5, "5 messages received")

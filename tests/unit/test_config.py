@@ -92,6 +92,7 @@ def test_postmaster_mailbox_defaults_to_the_relays_hostname() -> None:
         ("[relay]\nmynetworks = ['10.0.0.0/33']", "relay.mynetworks"),
         ("[relay]\ndomains = ['not a domain']", "relay.domains"),
         ("[relay]\npostmaster = 'postmaster'", "relay.postmaster"),
+        ("[smtp]\nmax_text_line_length = 998", "smtp.max_text_line_length"),
         ("[delivery]\nroutes = { 'x.test' = '[host' }", "delivery.routes"),
         ("[delivery]\nminimal_backoff = 5000", "delivery.minimal_backoff"),
         ("[delivery]\ntls = 'sometimes'", "delivery.tls"),

@@ -2,7 +2,7 @@
 
 Owns RFC 5321 §4.1.1.4 and §4.5.2 for the inbound side: the end-of-data indicator
 ``<CRLF>.<CRLF>``, dot-unstuffing, and the checks that can only be made on the message
-content (bare CR or LF, size, header section size, Received count), which BDAT content
+content (bare CR or LF, size, header section size, Received count, line length), which BDAT content
 (RFC 3030, ChunkDecoder) gets too: its framing is the chunk sizes the session counts, so
 it has no end indicator and no stuffing. It does not write anything anywhere: decoded
 bytes are returned to the caller, chunk by chunk.
@@ -44,10 +44,14 @@ class _ContentChecks:
     message is known to be refused.
     """
 
-    def __init__(self, max_size: int, max_received_headers: int, max_header_size: int) -> None:
+    def __init__(
+        self, max_size: int, max_received_headers: int, max_header_size: int, max_line_length: int
+    ) -> None:
         self._max_size = max_size
         self._max_received = max_received_headers
         self._max_header_size = max_header_size
+        self._max_line = max_line_length
+        self._line_length = 0  # octets of the current, unfinished line so far
         self.size = 0
         self._error: Reply | None = None
         self.bare_line_ending = False
@@ -87,9 +91,32 @@ class _ContentChecks:
             self._error = replies.MESSAGE_TOO_BIG
         if self._in_headers and self._error is None:
             self._scan_headers(decoded)
+        if self._max_line and self._error is None:
+            self._measure_lines(decoded)
         if self._error is not None or self.bare_line_ending:
             return b""
         return decoded
+
+    def _measure_lines(self, decoded: bytes) -> None:
+        """Refuse a line longer than the limit, its CRLF included (RFC 5321 §4.5.3.1.6).
+
+        From a line's start, the last LF within the limit's reach starts the next line to
+        check: one ``rfind`` per limit's worth of bytes, however short the lines are.
+        """
+        limit = self._max_line
+        start = -self._line_length  # where the unfinished line began, before this piece
+        end = len(decoded)
+        while end - start >= limit:
+            newline = decoded.rfind(b"\n", max(start, 0), start + limit)
+            if newline < 0:
+                self._error = replies.TEXT_LINE_TOO_LONG
+                return
+            start = newline + 1
+        # Less than a limit is left: only where the last line begins matters.
+        last_newline = decoded.rfind(b"\n", max(start, 0))
+        if last_newline >= 0:
+            start = last_newline + 1
+        self._line_length = end - start
 
     def _scan_headers(self, decoded: bytes) -> None:
         """Count Received: fields and measure the header section (RFC 5322 §2.2)."""
@@ -135,10 +162,20 @@ class DataDecoder:
         more → ``TOO_MANY_HOPS`` (RFC 5321 §6.3 loop detection).
     :param max_header_size: bytes allowed before the empty line ending the header section;
         more → ``HEADERS_TOO_BIG``.
+    :param max_line_length: octets allowed in a line with its CRLF, not counting a dot
+        added for transparency (0: no limit); more → ``TEXT_LINE_TOO_LONG``.
     """
 
-    def __init__(self, max_size: int, max_received_headers: int, max_header_size: int) -> None:
-        self._checks = _ContentChecks(max_size, max_received_headers, max_header_size)
+    def __init__(
+        self,
+        max_size: int,
+        max_received_headers: int,
+        max_header_size: int,
+        max_line_length: int = 0,
+    ) -> None:
+        self._checks = _ContentChecks(
+            max_size, max_received_headers, max_header_size, max_line_length
+        )
         # The virtual CRLF that ends the DATA command line; removed from the output.
         self._carry = b"\r\n"
         self._skip = 2
@@ -206,11 +243,19 @@ class ChunkDecoder:
     BDAT content is counted, not delimited, and not dot-stuffed: it is the message as is.
     It gets DATA's checks all the same, bare CR or LF included, so that whether a message
     is accepted does not depend on how the client chose to send it. A CR at the end of one
-    piece is held until the next shows whether LF follows.
+    piece is held until the next shows whether LF follows. The limits are DataDecoder's.
     """
 
-    def __init__(self, max_size: int, max_received_headers: int, max_header_size: int) -> None:
-        self._checks = _ContentChecks(max_size, max_received_headers, max_header_size)
+    def __init__(
+        self,
+        max_size: int,
+        max_received_headers: int,
+        max_header_size: int,
+        max_line_length: int = 0,
+    ) -> None:
+        self._checks = _ContentChecks(
+            max_size, max_received_headers, max_header_size, max_line_length
+        )
         self._carry = b""
 
     @property

@@ -125,6 +125,7 @@ BARE_LINE_ENDING = Reply(
     550, "5.6.11", "Error: bare <CR> or <LF> in message data (SMTP smuggling protection)"
 )
 HEADERS_TOO_BIG = Reply(552, "5.3.4", "Error: message header size exceeds limit")
+TEXT_LINE_TOO_LONG = Reply(500, "5.5.6", "Error: message has a line too long (RFC 5321 4.5.3.1.6)")
 TRANSACTION_FAILED = Reply(554, "5.0.0", "Error: transaction failed")
 
 # Outbound delivery (smtp/client_session.py): what a mail host's answer, or the lack of one,

@@ -772,6 +772,7 @@ class SMTPServerProtocol(Protocol):
             max_received_headers=smtp.max_received_headers,
             max_header_size=smtp.max_header_size,
             max_line_length=smtp.max_line_length,
+            max_text_line_length=smtp.max_text_line_length,
             max_errors=smtp.max_errors,
             chunking=smtp.chunking,
             starttls_offered=self.parts.server_tls is not None and self.tls is None,

@@ -98,7 +98,8 @@ Params = dict[str, str | None]
 class SessionSettings:
     """What the session advertises and enforces; the adapter builds it from ``[smtp]``.
 
-    ``max_line_length`` counts a command line with its line ending. ``auth_requires_tls``:
+    ``max_line_length`` counts a command line with its line ending,
+    ``max_text_line_length`` a line of message content (0: no limit). ``auth_requires_tls``:
     AUTH exists but only over TLS, so before it AUTH is ``538 5.7.11`` (RFC 4954 §6), not
     ``502``.
     """
@@ -109,6 +110,7 @@ class SessionSettings:
     max_received_headers: int = 50
     max_header_size: int = 1048576
     max_line_length: int = 2048
+    max_text_line_length: int = 1000
     max_errors: int = 20
     chunking: bool = True
     starttls_offered: bool = False
@@ -385,6 +387,7 @@ class ServerSession:
                 settings.max_message_size,
                 settings.max_received_headers,
                 settings.max_header_size,
+                settings.max_text_line_length,
             )
             if event.chunked:
                 self._chunk_reading = True

@@ -17,9 +17,10 @@ def decode(
     max_size: int = BIG,
     max_received: int = 50,
     max_header_size: int = BIG,
+    max_line_length: int = 0,
 ) -> tuple[bytes, int | None, Reply | None, int, bytes]:
     """Feed chunks until the end; return body, end index, error, size and the rest."""
-    decoder = DataDecoder(max_size, max_received, max_header_size)
+    decoder = DataDecoder(max_size, max_received, max_header_size, max_line_length)
     body = bytearray()
     for number, chunk in enumerate(chunks):
         decoded, end = decoder.feed(chunk)
@@ -166,6 +167,56 @@ def test_message_without_body_is_fine() -> None:
     assert decode([b"Subject: x\r\n.\r\n"]) == (b"Subject: x\r\n", 15, None, 12, b"")
 
 
+def test_line_length_counts_the_crlf_and_not_a_stuffed_dot() -> None:
+    """RFC 5321 §4.5.3.1.6: 1,000 octets with the CRLF, the transparency dot not counted."""
+    longest = b"x" * 998 + b"\r\n"
+    assert decode([b"Subject: a\r\n\r\n" + longest + b".\r\n"], max_line_length=1000)[2] is None
+    assert decode([b"." + b"." + longest[1:] + b".\r\n"], max_line_length=1000)[2] is None
+    too_long = [b"Subject: a\r\n\r\nx" + longest + b".\r\n"]
+    assert decode(too_long, max_line_length=1000)[2] == replies.TEXT_LINE_TOO_LONG
+    assert decode(too_long, max_line_length=0)[2] is None  # 0: no limit
+    header = b"Subject: " + b"y" * 990 + b"\r\n\r\nbody\r\n"
+    assert decode([header + b".\r\n"], max_line_length=1000)[2] == replies.TEXT_LINE_TOO_LONG
+    assert chunk_outcome([b"a" * 999 + b"\r", b"\n"], max_line_length=1000)[1] == (
+        replies.TEXT_LINE_TOO_LONG
+    )
+    assert chunk_outcome([b"a" * 998 + b"\r", b"\n"], max_line_length=1000)[1] is None
+
+
+def test_a_long_line_cut_into_many_chunks_is_found() -> None:
+    """The unfinished line's length carries from chunk to chunk."""
+    chunks = [b"Subject: a\r\n\r\n"] + [b"z" * 100] * 10 + [b"\r\n.\r\n"]
+    assert decode(chunks, max_line_length=1000)[2] == replies.TEXT_LINE_TOO_LONG
+    assert decode(chunks, max_line_length=1003)[2] is None
+
+
+def _longest_line_over(body: bytes, limit: int) -> bool:
+    """The oracle: a line with its LF longer than ``limit``, or an unfinished one as long."""
+    *lines, unfinished = body.split(b"\n")
+    return any(len(line) + 1 > limit for line in lines) or len(unfinished) >= limit
+
+
+@given(st.lists(st.sampled_from([b"\r\n", b"a", b"bcdefgh", b".."]), max_size=40), st.data())
+def test_line_limit_agrees_with_the_oracle_however_chunked(
+    pieces: list[bytes], data: st.DataObject
+) -> None:
+    """With DATA and BDAT, in any chunking, a line over the limit is found, and only then."""
+    message = b"".join(pieces) + b"\r\n"
+    stuffed = message.replace(b"\r\n.", b"\r\n..")
+    stuffed = (b"." if stuffed.startswith(b".") else b"") + stuffed + b".\r\n"
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stuffed)), max_size=6)))
+    bounds = [0, *cuts, len(stuffed)]
+    chunks = [stuffed[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    expected = replies.TEXT_LINE_TOO_LONG if _longest_line_over(message, 12) else None
+    assert decode(chunks, max_line_length=12)[2] == expected
+    assert (
+        chunk_outcome(
+            [message[a:b] for a, b in zip(bounds, bounds[1:], strict=False)], max_line_length=12
+        )[1]
+        == expected
+    )
+
+
 @st.composite
 def message_and_chunks(draw: st.DrawFn) -> tuple[bytes, list[bytes]]:
     """Random content, and the same content cut at random points."""
@@ -200,6 +251,7 @@ def chunk_outcome(chunks: list[bytes], **limits: int) -> tuple[bytes, Reply | No
         limits.get("max_size", BIG),
         limits.get("max_received", 50),
         limits.get("max_header_size", BIG),
+        limits.get("max_line_length", 0),
     )
     body = b"".join(decoder.feed(chunk) for chunk in chunks) + decoder.finish()
     return (body if decoder.error is None else b""), decoder.error, decoder.size
