@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from twistedrelay.eventlog import MailLog
 from twistedrelay.hooks import load_plugins
 from twistedrelay.metrics import RelayMetrics
 from twistedrelay.queue.entry import Envelope, Recipient
+from twistedrelay.queue.incoming import FileSystem
 from twistedrelay.queue.store import QueueStore, read_entry_metadata
 from twistedrelay.testing.dns_server import DNSTestServer
 from twistedrelay.testing.inbound import InboundHarness
@@ -48,6 +50,7 @@ class Relay:
         tmp_path: Path,
         delivery: dict[str, Any],
         nameservers: list[str] | None = None,
+        filesystem: FileSystem | None = None,
     ) -> None:
         self.reactor = _reactor()
         queue_dir = tmp_path / "queue"
@@ -68,7 +71,7 @@ class Relay:
         if nameservers is not None:
             settings["dns"] = {"nameservers": nameservers, "timeout": 2}
         self.config = parse_config(settings, "<test>")
-        self.store = QueueStore(str(queue_dir), self.reactor)
+        self.store = QueueStore(str(queue_dir), self.reactor, filesystem=filesystem)
         self.log_events: list[LogEvent] = []
         self.service: DeliveryService = build_delivery_service(
             self.config,
@@ -266,6 +269,76 @@ async def test_tempfail_is_deferred_then_delivered_once(tmp_path: Path) -> None:
         log = relay.mail_log()
         assert any(f"{queue_id}: " in line and "status=deferred" in line for line in log)
         assert any(f"{queue_id}: " in line and "status=sent" in line for line in log)
+    finally:
+        await relay.stop()
+        await sink.stop()
+
+
+class FullDiskSyncs(FileSystem):
+    """fsync fails with ENOSPC ``failures`` times once armed (the seam of the store's writes)."""
+
+    def __init__(self) -> None:
+        self.failures = 0
+
+    def sync_file(self, fd: int) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        super().sync_file(fd)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_deferral_that_cannot_be_recorded_is_recorded_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk when the deferral is written leaves the entry claimed, not stuck: the
+    record is tried again, and once it is written the entry is deferred and then delivered
+    (exactly once: the round is not delivered again)."""
+    monkeypatch.setattr(delivery_service, "RECORD_RETRY_SECONDS", 0.2)
+    filesystem = FullDiskSyncs()
+    sink = SinkServer(_reactor(), script=tempfail_times(1))
+    sink.start()
+    relay = Relay(tmp_path, {"routes": {"*": _route(sink)}}, filesystem=filesystem)
+    relay.service.startService()
+    try:
+        message = relay.store.open_message()
+        message.write(_content(message.queue_id))
+        await message.commit(
+            Envelope(message.queue_id, SENDER, (Recipient("a@dest.test"),), relay.reactor.seconds())
+        )
+        filesystem.failures = 2  # the first two status writes of the deferral
+        relay.service.notify_queued(message.queue_id)
+        await sink.wait_for_messages(1, DEADLINE_SECONDS)
+        await wait_until(_reactor(), relay.queue_empty, "queue empty")
+        assert filesystem.failures == 0
+        assert len(sink.messages) == 1 and sink.stats.refusals.get(451) == 1
+        assert len(relay.deliveries(message.queue_id, "deferred")) == 1
+    finally:
+        await relay.stop()
+        await sink.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bounce_whose_dsn_cannot_be_queued_yet_gets_one_dsn_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk when the DSN is queued: the entry stays claimed, the DSN is queued on
+    the next try, once, and the entry is removed."""
+    monkeypatch.setattr(delivery_service, "RECORD_RETRY_SECONDS", 0.2)
+    filesystem = FullDiskSyncs()
+    sink = SinkServer(_reactor())
+    sink.start()
+    relay = Relay(tmp_path, {"routes": {"*": _route(sink)}}, filesystem=filesystem)
+    relay.service.startService()
+    try:
+        queue_id = await relay.queue(["reject-me@dest.test"])
+        filesystem.failures = 1  # the DSN's commit
+        await wait_until(_reactor(), relay.queue_empty, "queue empty")
+        (dsn,) = await sink.wait_for_messages(1, DEADLINE_SECONDS)
+        await deferLater(relay.reactor, 0.3, lambda: None)
+        assert filesystem.failures == 0
+        assert dsn.sender == b"" and len(sink.messages) == 1
+        assert len(relay.deliveries(queue_id, "bounced")) == 1
     finally:
         await relay.stop()
         await sink.stop()

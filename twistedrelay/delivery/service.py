@@ -24,6 +24,7 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from typing_extensions import override
 
 from twistedrelay.bounce import FailedRecipient, build_dsn, extract_headers
@@ -57,6 +58,11 @@ CLAIM_WINDOW = 20000
 #: The most message content one worker keeps in memory for delivery (bytes), taken from
 #: its own commits; beyond it, and for every other entry, delivery reads the queue file.
 CONTENT_IN_MEMORY_BUDGET = 16 * 1024 * 1024
+#: After the outcome of a round could not be recorded (a full or failing disk), the entry
+#: stays claimed and the record is tried again after this many seconds, doubling up to
+#: RECORD_RETRY_MAX_SECONDS. Delivering it again instead would repeat what was delivered.
+RECORD_RETRY_SECONDS = 5.0
+RECORD_RETRY_MAX_SECONDS = 300.0
 #: How much of a bounced message is read to find its header section for the DSN.
 HEADER_READ_LIMIT = 256 * 1024
 #: Spread retries of mail deferred together by up to this share of minimal_backoff.
@@ -71,6 +77,8 @@ class ActiveEntry:
     jobs_left: int = 0
     finished: bool = False
     outcomes: dict[str, tuple[Recipient, Outcome, str]] = field(default_factory=dict)
+    dsn_queued: bool = False
+    record_failures: int = 0
 
     @property
     def queue_id(self) -> str:
@@ -479,16 +487,35 @@ class DeliveryService(Service):
         if entry.claimed.content is not None:
             self.content_in_memory -= len(entry.claimed.content)
 
+    def _remember(self, entry: ActiveEntry) -> None:
+        """Undo _forget: the entry is this worker's again."""
+        self.active[entry.queue_id] = entry
+        if entry.claimed.content is not None:
+            self.content_in_memory += len(entry.claimed.content)
+
     def _finish_entry(self, entry: ActiveEntry) -> None:
-        if entry.finished:
-            return
+        if entry.finished or (self._stopping and entry.queue_id not in self.active):
+            return  # finishing already, or released at shutdown before a retry came
         entry.finished = True
         finishing = defer.ensureDeferred(self._finalize(entry))
-        finishing.addErrback(
-            lambda f: _log.failure(
-                "{queue_id}: cannot record the outcome", f, queue_id=entry.queue_id
-            )
+        finishing.addErrback(self._record_failed, entry)
+
+    def _record_failed(self, failure: Failure, entry: ActiveEntry) -> None:
+        """Keep the entry claimed and try the record again later (RECORD_RETRY_SECONDS)."""
+        entry.record_failures += 1
+        delay = min(
+            RECORD_RETRY_MAX_SECONDS, RECORD_RETRY_SECONDS * 2 ** (entry.record_failures - 1)
         )
+        _log.failure(
+            "{queue_id}: cannot record the outcome; trying again in {delay:.0f} s",
+            failure,
+            queue_id=entry.queue_id,
+            delay=delay,
+        )
+        if self._stopping or entry.queue_id not in self.active:
+            return  # released at shutdown, or left in active/ for the master to reclaim
+        entry.finished = False
+        self.reactor.callLater(delay, self._finish_entry, entry)
 
     async def _finalize(self, entry: ActiveEntry) -> None:
         """Make the round's outcome durable: DSN first, then removal or deferral."""
@@ -508,10 +535,12 @@ class DeliveryService(Service):
         # tried again later, never dropped.
         if any(r.address not in entry.outcomes for r in claimed.status.pending(envelope)):
             deferred = True
-        if bounced and not envelope.is_bounce:
+        if bounced and not envelope.is_bounce and not entry.dsn_queued:
             await self._queue_dsn(claimed, bounced, now)
+            entry.dsn_queued = True  # a retry of the record must not bounce twice
         if self._stopping and entry.queue_id not in self.active:
             return  # released at shutdown
+        # Forgotten before the await, so that a shutdown meanwhile does not release it too.
         self._forget(entry)
         if deferred:
             delivery = self.config.delivery
@@ -522,7 +551,12 @@ class DeliveryService(Service):
                 delivery.maximal_backoff,
                 jitter=self.rng.uniform(0, delivery.minimal_backoff * RETRY_JITTER),
             )
-            await self.store.mark_deferred(claimed, now + delay, status)
+            try:
+                await self.store.mark_deferred(claimed, now + delay, status)
+            except OSError:
+                if not self._stopping:
+                    self._remember(entry)  # still in active/<owner>/: ours to record
+                raise
         else:
             await self.store.complete_later(claimed)
             self.maillog.removed(entry.queue_id)
