@@ -18,7 +18,7 @@ from twisted.internet import threads
 from twisted.python import usage
 from typing_extensions import override
 
-from twistedrelay.auth import Authenticator, UsersFile
+from twistedrelay.auth import Authenticator, UsersFile, UsersFileError
 from twistedrelay.config import Config, ConfigError, load_config
 from twistedrelay.delivery.service import DeliveryService, build_delivery_service
 from twistedrelay.eventlog import MailLog, configure_twistd_logger
@@ -31,7 +31,7 @@ from twistedrelay.process.worker import DEFAULT_PAYLOAD, InheritedSocket
 from twistedrelay.queue.store import QueueStore
 from twistedrelay.smtp.inbound import InboundService
 from twistedrelay.smtp.server import InboundParts
-from twistedrelay.tls import ServerTLS
+from twistedrelay.tls import ClientTLS, ServerTLS
 
 
 class Options(usage.Options):
@@ -46,7 +46,7 @@ class Options(usage.Options):
         # Check the config before twistd binds anything or daemonizes: errors name the key.
         try:
             self["relay_config"] = load_config(self["config"])
-            validate_plugins(self["relay_config"].plugins, self["relay_config"].source)
+            validate_config(self["relay_config"])
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
         if self.parent is not None:
@@ -98,30 +98,59 @@ def build_relay_policy(config: Config) -> RelayPolicy:
     return RelayPolicy(config.relay.mynetworks, config.relay.domains, config.postmaster)
 
 
+def validate_config(config: Config) -> None:
+    """What loading the TOML cannot check: the plugins' settings and the files named.
+
+    Used by ``check-config`` and by twistd before anything binds, so that a bad plugin
+    setting or a missing certificate, key, users file or CA file stops start-up with one
+    line naming the key, instead of workers that cannot start.
+
+    :raises ConfigError: naming the file and the key.
+    """
+    validate_plugins(config.plugins, config.source)
+    _load_server_tls(config)
+    _load_users_file(config)
+    ClientTLS(config.delivery.ca_file, config.source)
+
+
 def build_session_security(
     config: Config, reactor: Any
 ) -> tuple[ServerTLS | None, Authenticator | None]:
     """The inbound TLS (``[tls]``) and the AUTH checker (``auth.users_file``) the config asks for.
 
-    :raises ConfigError: a certificate or key that cannot be used.
-    :raises UsersFileError: a users file that cannot be read or has a bad line.
-    A broken file stops the worker with a clear error instead of failing a session.
+    :raises ConfigError: a certificate, key or users file that cannot be used. A broken
+        file stops the worker with a clear error instead of failing a session.
     """
-    server_tls = None
-    if config.tls.certificate and config.tls.private_key:
-        server_tls = ServerTLS(config.tls.certificate, config.tls.private_key, config.source)
+    users = _load_users_file(config)
     authenticator = None
-    if config.auth.users_file:
-        users = UsersFile(config.auth.users_file)
-        users.reload()
+    if users is not None:
         authenticator = Authenticator(users, reactor, reactor.getThreadPool())
-    return server_tls, authenticator
+    return _load_server_tls(config), authenticator
+
+
+def _load_server_tls(config: Config) -> ServerTLS | None:
+    if config.tls.certificate and config.tls.private_key:
+        return ServerTLS(config.tls.certificate, config.tls.private_key, config.source)
+    return None
+
+
+def _load_users_file(config: Config) -> UsersFile | None:
+    if not config.auth.users_file:
+        return None
+    users = UsersFile(config.auth.users_file)
+    try:
+        users.reload()
+    except UsersFileError as e:
+        raise ConfigError(config.source, "auth.users_file", str(e)) from None
+    return users
 
 
 def build_worker_service(
     config: Config, slot: int, reactor: Any, sockets: Mapping[str, Sequence[InheritedSocket]]
 ) -> IService:
     """The worker payload: inbound SMTP on the inherited sockets plus the delivery engine."""
+    # First what can fail on a bad file, before the queue starts its threads.
+    server_tls, authenticator = build_session_security(config, reactor)
     store = QueueStore(str(config.queue.directory), reactor)
     metrics = RelayMetrics.for_worker()
     maillog = MailLog()
@@ -132,7 +161,6 @@ def build_worker_service(
         state_directory=plugin_state_directory(config),
         run_in_thread=partial(threads.deferToThreadPool, reactor, reactor.getThreadPool()),
     )
-    server_tls, authenticator = build_session_security(config, reactor)
     delivery = build_delivery_service(
         config, slot, reactor, store=store, metrics=metrics, maillog=maillog, hooks=hooks
     )

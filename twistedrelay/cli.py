@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 
 from twistedrelay import __version__
 from twistedrelay.config import ConfigError, load_config
-from twistedrelay.hooks import validate_plugins
 
 USAGE = """\
 usage: twistedrelay [--version] COMMAND [ARGS...]
@@ -45,9 +44,11 @@ def check_config_main(argv: Sequence[str]) -> int:
     if len(argv) != 1:
         print("usage: twistedrelay check-config FILE", file=sys.stderr)
         return 2
+    from twistedrelay.app import validate_config  # Twisted and the relay: only when needed
+
     try:
         config = load_config(argv[0])
-        validate_plugins(config.plugins, config.source)
+        validate_config(config)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 1

@@ -175,6 +175,13 @@ def test_payload_that_cannot_be_built_exits_one(start_worker) -> None:
     worker.wait_for("stand-in payload failing on purpose")
 
 
+def test_payload_that_fails_with_threads_running_still_exits_one(start_worker) -> None:
+    """Threads a half-built payload left running do not keep the worker alive."""
+    worker = start_worker("half_built_payload")
+    assert worker.proc.wait(10) == 1
+    worker.wait_for("stand-in payload failing after starting threads")
+
+
 def test_unusable_config_exits_two(start_worker, tmp_path) -> None:
     """A config the worker cannot load is reported and exits 2."""
     config = tmp_path / "broken.toml"

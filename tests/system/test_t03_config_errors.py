@@ -39,6 +39,12 @@ BAD_CONFIGS = {
     "unknown table": ("[smpt]\nlisten = []\n", "smpt"),
     "bad network": ('[relay]\nmynetworks = ["300.1.2.0/24"]\n', "relay.mynetworks"),
     "bad route": ('[delivery]\nroutes = { "*" = "a host:25" }\n', "delivery.routes"),
+    "missing certificate": (
+        '[tls]\ncertificate = "/nonexistent/cert.pem"\nprivate_key = "/nonexistent/key.pem"\n',
+        "tls.certificate",
+    ),
+    "missing users file": ('[auth]\nusers_file = "/nonexistent/users"\n', "auth.users_file"),
+    "missing CA file": ('[delivery]\nca_file = "/nonexistent/ca.pem"\n', "delivery.ca_file"),
 }
 
 
@@ -46,7 +52,7 @@ def _lines_naming(output: str, config: Path, key: str) -> list[str]:
     return [line for line in output.splitlines() if str(config) in line and key in line]
 
 
-@pytest.mark.parametrize("case", ["unknown key", "wrong type"])
+@pytest.mark.parametrize("case", ["unknown key", "wrong type", "missing certificate"])
 def test_twistd_refuses_a_bad_config_before_binding_anything(tmp_path, case) -> None:
     """twistd exits non-zero at once, names file and key on one line, binds and creates nothing."""
     table, key = BAD_CONFIGS[case]

@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import importlib
+import os
 import signal
 import socket
 import sys
@@ -474,4 +475,10 @@ def _reload_on_signal(
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if status:
+        # A payload that failed half-built may have left threads running (a queue's pool)
+        # that would keep the process alive: the master must see it end, to restart it.
+        sys.stdout.flush()
+        os._exit(status)
+    sys.exit(status)

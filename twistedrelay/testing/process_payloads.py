@@ -18,6 +18,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort, ITransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 from typing_extensions import override
 
 from twistedrelay.config import Config
@@ -144,3 +145,14 @@ def crashing_payload(
     :raises RuntimeError: always.
     """
     raise RuntimeError("stand-in payload failing on purpose")
+
+
+def half_built_payload(
+    config: Config, slot: int, reactor: Any, sockets: Mapping[str, Sequence[InheritedSocket]]
+) -> IService:
+    """A payload that starts a thread pool (as a queue store does) and then fails to build.
+
+    :raises RuntimeError: always, with the pool's non-daemon threads left running.
+    """
+    ThreadPool(1, 1, "half-built").start()
+    raise RuntimeError("stand-in payload failing after starting threads")
