@@ -345,6 +345,31 @@ async def test_a_bounce_whose_dsn_cannot_be_queued_yet_gets_one_dsn_later(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_destination_back_up_gets_its_mail_within_maximal_backoff(tmp_path: Path) -> None:
+    """A refused connection marks the destination dead, but for no longer than the retry
+    backoff (here 1 s growing to 2 s): once it listens again the mail goes out in seconds,
+    not after the scheduler's 60 s default."""
+    reactor = _reactor()
+    probe = SinkServer(reactor)
+    port = probe.start()
+    await probe.stop()  # nothing listens on the port now: connections are refused
+    relay = Relay(tmp_path, {"routes": {"*": f"[127.0.0.1]:{port}"}})
+    relay.service.startService()
+    sink = SinkServer(reactor)
+    try:
+        queue_id = await relay.queue(["a@dest.test"])
+        await wait_until(reactor, lambda: relay.deliveries(queue_id, "deferred"), "refused")
+        destination = relay.service.routes.destination_for("dest.test").name
+        assert relay.service.scheduler.is_dead(destination, reactor.seconds())
+        sink.start(port=port)
+        await sink.wait_for_messages(1, DEADLINE_SECONDS)
+        await wait_until(reactor, relay.queue_empty, "queue empty")
+    finally:
+        await relay.stop()
+        await sink.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_rejected_recipient_gets_dsn_and_bounce_gets_none(tmp_path: Path) -> None:
     """A 5xx recipient produces a multipart/report DSN to the sender; a null-sender bounce none."""
     sink = SinkServer(_reactor())

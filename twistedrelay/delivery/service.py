@@ -62,6 +62,8 @@ CONTENT_IN_MEMORY_BUDGET = 16 * 1024 * 1024
 #: stays claimed and the record is tried again after this many seconds, doubling up to
 #: RECORD_RETRY_MAX_SECONDS. Delivering it again instead would repeat what was delivered.
 RECORD_RETRY_SECONDS = 5.0
+DEAD_BACKOFF_INITIAL_SECONDS = 60.0
+DEAD_BACKOFF_MAX_SECONDS = 600.0
 RECORD_RETRY_MAX_SECONDS = 300.0
 #: How much of a bounced message is read to find its header section for the DSN.
 HEADER_READ_LIMIT = 256 * 1024
@@ -126,7 +128,10 @@ class DeliveryService(Service):
         self.hooks = hooks
         self.rng = rng or random.Random()
         self.routes = RouteTable(config.delivery.routes)
-        self.scheduler: Scheduler[JobPayload] = Scheduler(concurrency_limit)
+        dead_initial, dead_max = dead_destination_backoff(config)
+        self.scheduler: Scheduler[JobPayload] = Scheduler(
+            concurrency_limit, dead_backoff_initial=dead_initial, dead_backoff_max=dead_max
+        )
         self.client_tls = ClientTLS(config.delivery.ca_file, config.source)
         self.pools: dict[str, DestinationPool] = {}
         self.active: dict[str, ActiveEntry] = {}
@@ -181,6 +186,9 @@ class DeliveryService(Service):
         self.routes = RouteTable(config.delivery.routes)
         self.client_tls = ClientTLS(config.delivery.ca_file, config.source)
         self.scheduler.set_concurrency_limit(concurrency_share(config))
+        self.scheduler.dead_backoff_initial, self.scheduler.dead_backoff_max = (
+            dead_destination_backoff(config)
+        )
         # New pools pick up the new timeouts, reuse limit and TLS policy; connections busy
         # in the old ones finish their transaction and then close when idle.
         for pool in self.pools.values():
@@ -592,6 +600,19 @@ def _hook_outcome(decision: Decision, ctx: DeliverContext) -> Outcome:
     if ctx.results:
         note += f": {ctx.results.format()}"
     return replace(outcome, diagnostic=f"{outcome.diagnostic} ({note})")
+
+
+def dead_destination_backoff(config: Config) -> tuple[float, float]:
+    """How long an unreachable destination is left alone (scheduler.py), first and at most.
+
+    60 s doubling to 600 s, but never longer than the retry backoff the operator set, so
+    that mail is not held past ``maximal_backoff`` once the destination is back.
+    """
+    delivery = config.delivery
+    return (
+        min(DEAD_BACKOFF_INITIAL_SECONDS, delivery.minimal_backoff),
+        min(DEAD_BACKOFF_MAX_SECONDS, delivery.maximal_backoff),
+    )
 
 
 def concurrency_share(config: Config) -> int:
