@@ -361,8 +361,13 @@ async def test_a_destination_back_up_gets_its_mail_within_maximal_backoff(tmp_pa
         await wait_until(reactor, lambda: relay.deliveries(queue_id, "deferred"), "refused")
         destination = relay.service.routes.destination_for("dest.test").name
         assert relay.service.scheduler.is_dead(destination, reactor.seconds())
+        # Mail for it meanwhile is deferred untried, and the log says so.
+        untried = await relay.queue(["b@dest.test"])
+        await wait_until(reactor, lambda: relay.deliveries(untried, "deferred"), "deferred")
+        (line,) = relay.deliveries(untried)
+        assert "relay=none" in line and "(delivery temporarily suspended: " in line, line
         sink.start(port=port)
-        await sink.wait_for_messages(1, DEADLINE_SECONDS)
+        await sink.wait_for_messages(2, DEADLINE_SECONDS)
         await wait_until(reactor, relay.queue_empty, "queue empty")
     finally:
         await relay.stop()

@@ -283,10 +283,16 @@ class DeliveryService(Service):
             self._refuse(job)
 
     def _refuse(self, job: Job[JobPayload]) -> None:
-        """A job of a dead destination: its recipients are deferred with the last error."""
+        """A job of a dead destination: its recipients are deferred with the last error.
+
+        As in Postfix, the log says that no connection was tried this time.
+        """
         payload = job.payload
         # A destination turns dead only in finished() after a failure recorded just before.
-        outcome = self.last_failure[job.destination]
+        failure = self.last_failure[job.destination]
+        outcome = replace(
+            failure, diagnostic=f"delivery temporarily suspended: {failure.diagnostic}"
+        )
         for recipient in payload.recipients:
             self._record(payload.entry, recipient, outcome, "none")
         self._job_done(payload.entry)
