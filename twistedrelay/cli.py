@@ -9,6 +9,7 @@ hooks.py, ``bench`` in bench/). Modules are imported only when their subcommand 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -20,7 +21,7 @@ usage: twistedrelay [--version] COMMAND [ARGS...]
 
 commands:
   check-config FILE            check a relay.toml and exit 0 if it is usable
-  queue show|hold|release|requeue|delete ...   inspect and manage the queue
+  queue show|list|hold|release|requeue|delete ...   inspect and manage the queue
   passwd FILE USER             add or change a user of auth.users_file (password on stdin)
   plugins [--config FILE]      list the enabled hook plugins in run order
   bench sink|send ...          the bundled SMTP sink and load generator
@@ -67,6 +68,18 @@ def _resolve(target: str) -> Callable[[list[str]], int]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``twistedrelay`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        status = _dispatch(args)
+        sys.stdout.flush()  # here, where a closed pipe can still be caught
+        return status
+    except BrokenPipeError:
+        # The reader went away (``twistedrelay queue list | head``): stop quietly, and keep
+        # the interpreter's last flush from failing the same way (Python's signal docs).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _dispatch(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         return 0 if args else 2

@@ -1,5 +1,8 @@
 """The twistedrelay admin command: check-config validates plugin settings too."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,3 +38,17 @@ def test_check_config_sets_plugins_up_without_leaving_state(
     assert main(["check-config", str(config)]) == 0
     assert capsys.readouterr().out.strip() == f"{config}: ok"
     assert not queue.exists()
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
+    """``twistedrelay ... | head``: no BrokenPipeError traceback when the pipe closes."""
+    script = os.path.join(os.path.dirname(sys.executable), "twistedrelay")
+    process = subprocess.Popen([script, "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # before the command writes: its write finds no reader
+    try:
+        errors = process.stderr.read().decode()
+        assert process.wait(timeout=30) == 1
+    finally:
+        process.kill()
+    assert "BrokenPipeError" not in errors and "Traceback" not in errors, errors
