@@ -23,6 +23,8 @@ Invariants:
 
 from __future__ import annotations
 
+import re
+
 from twistedrelay.smtp import replies
 from twistedrelay.smtp.replies import Reply
 
@@ -30,7 +32,9 @@ _END = b"\r\n.\r\n"
 _DOT_LINE = b"\r\n."
 # Proper prefixes of the end-of-data indicator, longest first: the tail we must hold back.
 _END_PREFIXES = (b"\r\n.\r", b"\r\n.", b"\r\n", b"\r")
-_RECEIVED = b"received:"
+# A Received field, in any case, also in the obsolete form with space before the colon
+# (RFC 5322 §4.5.3 obs-optional), so that it cannot be used to pass the hop count.
+_RECEIVED_FIELD = re.compile(rb"^received[ \t]*:", re.MULTILINE | re.IGNORECASE)
 _CR, _LF = 13, 10
 _CR_MASK = bytes(1 if byte == _CR else 0 for byte in range(256))
 _LF_MASK = bytes(1 if byte == _LF else 0 for byte in range(256))
@@ -142,10 +146,9 @@ class _ContentChecks:
                 self._in_headers = False
                 self._header_line = b""
         if complete:
-            lowered = complete.lower()
-            # A match of "\nreceived:" cannot span the last newline, so lines that are not
-            # complete yet are counted on a later chunk, exactly once.
-            self._received += lowered.count(b"\n" + _RECEIVED) + lowered.startswith(_RECEIVED)
+            # A match cannot span the last newline, so lines that are not complete yet are
+            # counted on a later chunk, exactly once.
+            self._received += len(_RECEIVED_FIELD.findall(complete))
             if self._received > self._max_received and self._error is None:
                 self._error = replies.TOO_MANY_HOPS
 

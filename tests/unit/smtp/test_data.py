@@ -150,6 +150,13 @@ def test_received_only_at_line_start() -> None:
     assert decode([b"Received: a\r\n\r\n.\r\n"], max_received=0)[2] == replies.TOO_MANY_HOPS
 
 
+def test_received_in_the_obsolete_form_counts_too() -> None:
+    """RFC 5322 §4.5.3 allows space before the colon: ``Received :`` is a hop as well."""
+    for field in (b"Received : a", b"received\t: a", b"RECEIVED \t : a"):
+        assert decode([field + b"\r\n\r\n.\r\n"], max_received=0)[2] == replies.TOO_MANY_HOPS
+    assert decode([b" Received : folded\r\n\r\n.\r\n"], max_received=0)[2] is None
+
+
 def test_header_section_size_limit() -> None:
     """A header section over max_header_size is HEADERS_TOO_BIG; a big body is not."""
     headers = b"X: " + b"a" * 200 + b"\r\n"
