@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import smtplib
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -313,6 +314,56 @@ async def test_a_message_cut_off_by_a_half_close_is_not_queued(harness: Any) -> 
     out = await threads.deferToThread(_chat_then_shut, harness.port, session)
     assert out.endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n"), out
     assert harness.queued == []
+
+
+def _flood_without_reading(sock: socket.socket, limit: int = 64 << 20) -> int:
+    """Send EHLO lines and never read, until the server stops taking them for a second
+    (or ``limit`` bytes or 20 s pass); return how many bytes were sent."""
+    chunk = b"EHLO x\r\n" * 8192
+    sock.setblocking(False)
+    sent, blocked_since, deadline = 0, None, time.monotonic() + 20
+    while sent < limit and time.monotonic() < deadline:
+        try:
+            sent += sock.send(chunk)
+            blocked_since = None
+        except BlockingIOError:
+            blocked_since = blocked_since or time.monotonic()
+            if time.monotonic() - blocked_since > 1.0:
+                break
+            time.sleep(0.01)
+    return sent
+
+
+def _read_until_quiet(sock: socket.socket) -> bytes:
+    sock.setblocking(True)
+    sock.settimeout(1.0)
+    out = bytearray()
+    try:
+        while chunk := sock.recv(1 << 20):
+            out += chunk
+    except TimeoutError:
+        pass
+    return bytes(out)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_never_reads_its_replies_is_no_longer_read(harness: Any) -> None:
+    """Replies that cannot leave stop the reading (the transport's producer), so a client
+    cannot make the worker buffer replies without end; once it reads, the session goes on."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", harness.port))
+    try:
+        sent = await threads.deferToThread(_flood_without_reading, sock)
+        assert sent < 64 << 20  # the server stopped taking input
+        (session,) = harness.service.factories["smtp"].sessions
+        assert session.reading_paused_for == {"replies"}
+        replies_text = await threads.deferToThread(_read_until_quiet, sock)
+        assert replies_text.startswith(b"220 ") and b"250-" in replies_text
+        sock.sendall(b"QUIT\r\n")
+        assert (await threads.deferToThread(_read_until_quiet, sock)).endswith(b"221 2.0.0 Bye\r\n")
+    finally:
+        sock.close()
 
 
 @pytest_twisted.ensureDeferred

@@ -26,6 +26,7 @@ from twisted.internet.interfaces import (
     IDelayedCall,
     IHalfCloseableProtocol,
     IHandshakeListener,
+    IPushProducer,
 )
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.task import deferLater
@@ -181,6 +182,23 @@ class SMTPServerFactory(ServerFactory):
             protocol.close_now(replies.SHUTTING_DOWN)
 
 
+@implementer(IPushProducer)
+class _ReplyBackpressure:
+    """The session as its transport's producer: reading stops while replies cannot leave."""
+
+    def __init__(self, protocol: SMTPServerProtocol) -> None:
+        self._protocol = protocol
+
+    def pauseProducing(self) -> None:  # noqa: N802 (IPushProducer's name)
+        self._protocol.pause_reading("replies")
+
+    def resumeProducing(self) -> None:  # noqa: N802 (IPushProducer's name)
+        self._protocol.resume_reading("replies")
+
+    def stopProducing(self) -> None:  # noqa: N802 (IPushProducer's name)
+        """The connection is gone; connectionLost cleans up."""
+
+
 class _RefusingProtocol(Protocol):
     """Answers a connection over the limits with one 421 and closes it."""
 
@@ -243,7 +261,10 @@ class SMTPServerProtocol(Protocol):
         self._queue_id: str | None = None
         self._waiting = False
         self._held = 0  # bytes received while the current decision is pending
-        self._paused = False
+        # Why reading from the client is paused: "hook" (the connect hook is deciding),
+        # "held" (HELD_INPUT_LIMIT while a decision is pending), "replies" (the client
+        # does not read what we send: the transport's buffer is full).
+        self._pauses: set[str] = set()
         self._closed = False
         self._input_ended = False  # the client shut its sending side
         self._idle_timer: IDelayedCall | None = None
@@ -261,6 +282,9 @@ class SMTPServerProtocol(Protocol):
     @override
     @_one_write
     def connectionMade(self) -> None:
+        # A client that sends commands but never reads the replies must not make us buffer
+        # them without end: the transport pauses this producer when its buffer is full.
+        self.transport.registerProducer(_ReplyBackpressure(self), True)  # type: ignore[union-attr]
         self.factory.session_started(self)
         self.parts.metrics.session_opened(self.listener)
         self.parts.maillog.connect(self.client_address, self.client_port, self.listener)
@@ -273,7 +297,7 @@ class SMTPServerProtocol(Protocol):
             self._write(self.session.greeting(), 220)
             return
         self._waiting = True
-        self.transport.pauseProducing()  # type: ignore[union-attr]
+        self.pause_reading("hook")
         ctx = ConnectContext(**self._hook_fields())
         self.parts.hooks.run("connect", ctx).addCallback(self._connect_decided, ctx)
 
@@ -283,7 +307,7 @@ class SMTPServerProtocol(Protocol):
         if self._closed:
             return
         if decision.verdict in (Verdict.PROCEED, Verdict.ACCEPT):
-            self.transport.resumeProducing()  # type: ignore[union-attr]
+            self.resume_reading("hook")
             self._write(self.session.greeting(), 220)
             self._pump(b"")
             self._close_if_input_ended()
@@ -302,9 +326,8 @@ class SMTPServerProtocol(Protocol):
             # A decision is pending: the session only buffers (replies stay in order).
             self.session.receive(data)
             self._held += len(data)
-            if self._held > HELD_INPUT_LIMIT and not self._paused:
-                self._paused = True
-                self.transport.pauseProducing()  # type: ignore[union-attr]
+            if self._held > HELD_INPUT_LIMIT:
+                self.pause_reading("held")
 
     def readConnectionLost(self) -> None:  # noqa: N802 (Twisted's name)
         """The client shut its sending side (``shutdown(SHUT_WR)``, ``nc -N``): answer, then close.
@@ -319,6 +342,24 @@ class SMTPServerProtocol(Protocol):
     def writeConnectionLost(self) -> None:  # noqa: N802 (Twisted's name)
         """Our sending side is shut (IHalfCloseableProtocol; TCP never reports it): close."""
         self.close_now(None)
+
+    @property
+    def reading_paused_for(self) -> frozenset[str]:
+        """Why reading from the client is paused now (empty: it is not)."""
+        return frozenset(self._pauses)
+
+    def pause_reading(self, reason: str) -> None:
+        """Stop reading from the client for ``reason`` (see ``_pauses``)."""
+        if not self._pauses and not self._closed:
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+        self._pauses.add(reason)
+
+    def resume_reading(self, reason: str) -> None:
+        """``reason`` no longer holds; read again when no other reason does."""
+        if reason in self._pauses:
+            self._pauses.discard(reason)
+            if not self._pauses and not self._closed:
+                self.transport.resumeProducing()  # type: ignore[union-attr]
 
     def _close_if_input_ended(self) -> None:
         if self._input_ended and not self._waiting:
@@ -390,9 +431,7 @@ class SMTPServerProtocol(Protocol):
         self._waiting = False
         if self._closed:
             return
-        if self._paused:
-            self._paused = False
-            self.transport.resumeProducing()  # type: ignore[union-attr]
+        self.resume_reading("held")
         self._answer(reply, event)
         self._pump(b"")
         self._close_if_input_ended()
