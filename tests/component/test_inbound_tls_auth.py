@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import defer, threads
+from twisted.internet.task import LoopingCall
 
 from twistedrelay.auth import LoginThrottle, set_password
 from twistedrelay.queue.store import read_entry_metadata
@@ -348,6 +349,47 @@ async def test_restrict_sender_refuses_another_users_address(
 
 
 # -- implicit TLS ----------------------------------------------------------------------------
+
+
+def _flood_over_tls(port: int, certs: TestCertificates) -> int:
+    """Over implicit TLS, send EHLO lines without reading until the server stops taking
+    them (a send blocks for a second), at most 20 s; return the bytes sent."""
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.connect(("127.0.0.1", port))
+    sock = _client_context(certs).wrap_socket(raw, server_hostname="localhost")
+    sock.settimeout(1.0)
+    chunk, sent, deadline = b"EHLO x\r\n" * 2048, 0, time.monotonic() + 20
+    try:
+        while time.monotonic() < deadline:
+            sock.sendall(chunk)
+            sent += len(chunk)
+    except TimeoutError:
+        pass
+    finally:
+        sock.close()
+    return sent
+
+
+@pytest_twisted.ensureDeferred
+async def test_implicit_tls_sessions_stop_reading_a_client_that_never_reads(
+    relay: InboundHarness, certs: TestCertificates
+) -> None:
+    """The reply backpressure holds over implicit TLS too, once the handshake is done."""
+    sessions = relay.service.factories["submissions"].sessions
+    paused: list[frozenset[str]] = []
+
+    def watch() -> None:
+        paused.extend(session.reading_paused_for for session in sessions)
+
+    watcher = LoopingCall(watch)
+    watcher.start(0.2)
+    try:
+        sent = await threads.deferToThread(_flood_over_tls, relay.ports["submissions"], certs)
+    finally:
+        watcher.stop()
+    assert sent > 0
+    assert frozenset({"replies"}) in paused
 
 
 @pytest_twisted.ensureDeferred

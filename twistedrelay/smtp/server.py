@@ -265,6 +265,7 @@ class SMTPServerProtocol(Protocol):
         # "held" (HELD_INPUT_LIMIT while a decision is pending), "replies" (the client
         # does not read what we send: the transport's buffer is full).
         self._pauses: set[str] = set()
+        self._watching_replies = False
         self._closed = False
         self._input_ended = False  # the client shut its sending side
         self._idle_timer: IDelayedCall | None = None
@@ -282,9 +283,8 @@ class SMTPServerProtocol(Protocol):
     @override
     @_one_write
     def connectionMade(self) -> None:
-        # A client that sends commands but never reads the replies must not make us buffer
-        # them without end: the transport pauses this producer when its buffer is full.
-        self.transport.registerProducer(_ReplyBackpressure(self), True)  # type: ignore[union-attr]
+        if self.listener != "submissions":
+            self._watch_replies()  # with implicit TLS: once the handshake is done
         self.factory.session_started(self)
         self.parts.metrics.session_opened(self.listener)
         self.parts.maillog.connect(self.client_address, self.client_port, self.listener)
@@ -739,6 +739,19 @@ class SMTPServerProtocol(Protocol):
         """IHandshakeListener: the TLS handshake is done (STARTTLS or implicit TLS)."""
         self.tls = describe_tls(self.transport) or "TLS"
         self.parts.metrics.tls_handshake("inbound", True)
+        if not self._watching_replies:  # implicit TLS (STARTTLS: watching since the start)
+            self._watch_replies()
+
+    def _watch_replies(self) -> None:
+        """Stop reading while replies cannot leave (the transport pauses this producer).
+
+        So a client that sends commands and never reads the replies cannot make us buffer
+        them without end. Not before an implicit TLS handshake: the TLS layer pauses its
+        producer until the handshake is done, and it cannot finish without reading.
+        (After STARTTLS, Twisted moves the producer to the TLS layer itself.)
+        """
+        self._watching_replies = True
+        self.transport.registerProducer(_ReplyBackpressure(self), True)  # type: ignore[union-attr]
 
     def _on_auth(self, event: Auth) -> Reply | defer.Deferred[Reply]:
         if self.parts.authenticator is None or not self._auth_offered():
