@@ -27,9 +27,10 @@ from twistedrelay.metrics import RelayMetrics
 from twistedrelay.queue.entry import Envelope, Recipient
 from twistedrelay.queue.incoming import FileSystem
 from twistedrelay.queue.store import QueueStore, read_entry_metadata
+from twistedrelay.smtp.replies import Reply
 from twistedrelay.testing.dns_server import DNSTestServer
 from twistedrelay.testing.inbound import InboundHarness
-from twistedrelay.testing.sink import SinkServer, Stage, delay_at, tempfail_times
+from twistedrelay.testing.sink import SinkServer, Stage, delay_at, reply_at, tempfail_times
 from twistedrelay.testing.waiting import wait_until
 
 DEADLINE_SECONDS = 10.0
@@ -369,6 +370,29 @@ async def test_a_destination_back_up_gets_its_mail_within_maximal_backoff(tmp_pa
         sink.start(port=port)
         await sink.wait_for_messages(2, DEADLINE_SECONDS)
         await wait_until(reactor, relay.queue_empty, "queue empty")
+    finally:
+        await relay.stop()
+        await sink.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_250_to_data_is_not_taken_for_a_delivery(tmp_path: Path) -> None:
+    """A host that answers DATA with 250 got no content: the message is deferred (not
+    removed as delivered, which would lose it) and delivered on the next try."""
+    sink = SinkServer(
+        _reactor(), chunking=False, script=reply_at(Stage.DATA, Reply(250, "2.0.0", "ok"), 1)
+    )
+    sink.start()
+    relay = Relay(tmp_path, {"routes": {"*": _route(sink)}})
+    relay.service.startService()
+    try:
+        queue_id = await relay.queue(["a@dest.test"])
+        (message,) = await sink.wait_for_messages(1, DEADLINE_SECONDS)
+        assert message.recipients == (b"a@dest.test",)
+        await wait_until(_reactor(), relay.queue_empty, "queue empty")
+        (deferred,) = relay.deliveries(queue_id, "deferred")
+        assert "Unexpected reply from mail host: 250 2.0.0 ok" in deferred, deferred
+        assert len(relay.deliveries(queue_id, "sent")) == 1
     finally:
         await relay.stop()
         await sink.stop()

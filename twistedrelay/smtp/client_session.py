@@ -761,6 +761,12 @@ class ClientSession:
 
     def _on_data(self, reply: Reply, events: list[Event]) -> None:
         transaction = self._current()
+        if reply.is_positive and reply.code != 354:
+            # RFC 5321 §4.3.2: DATA succeeds only with 354. A 250 here is no delivery (no
+            # content was sent), and the host may now be reading content or commands.
+            transaction.data_reply = _unexpected(reply)
+            self._fail(transaction.data_reply, events, send_quit=False)
+            return
         transaction.data_reply = reply
         if reply.code != 354:
             self._finish_transaction(reply, events)
@@ -773,14 +779,22 @@ class ClientSession:
             self._send(_Command.LONE_DOT, b".\r\n")
 
     def _on_end_of_data(self, reply: Reply, events: list[Event]) -> None:
-        self._current().final_reply = reply
-        self._finish_transaction(reply, events)
+        self._on_final_reply(reply, events)
 
     def _on_lone_dot(self, reply: Reply, events: list[Event]) -> None:
         self._finish_transaction(reply, events)
 
     def _on_bdat(self, reply: Reply, events: list[Event]) -> None:
-        self._current().final_reply = reply
+        self._on_final_reply(reply, events)
+
+    def _on_final_reply(self, reply: Reply, events: list[Event]) -> None:
+        """The reply to the message's end: only 2xx delivers (RFC 5321 §4.3.2)."""
+        transaction = self._current()
+        if 300 <= reply.code < 400 or reply.code < 200:
+            transaction.final_reply = _unexpected(reply)
+            self._fail(transaction.final_reply, events, send_quit=False)
+            return
+        transaction.final_reply = reply
         self._finish_transaction(reply, events)
 
     def _on_rset(self, reply: Reply, events: list[Event]) -> None:
@@ -861,6 +875,11 @@ class ClientSession:
         self._pending.clear()
         self._outbox.clear()
         self._transaction = None
+
+
+def _unexpected(reply: Reply) -> Reply:
+    """A reply the command cannot have (RFC 5321 §4.3.2): a deferral that names it."""
+    return replies.UNEXPECTED_REPLY.with_text(f"{replies.UNEXPECTED_REPLY.text}: {reply}")
 
 
 def _format_params(params: Mapping[str, str | None], allowed: Sequence[str]) -> list[str]:

@@ -419,6 +419,40 @@ def test_final_reply_applies_to_every_accepted_recipient(final):
     ]
 
 
+@pytest.mark.parametrize("data_reply", [b"250 2.0.0 ok whatever\r\n", b"334 go on\r\n"])
+def test_a_success_to_data_other_than_354_delivers_nothing(data_reply):
+    """RFC 5321 §4.3.2: only 354 lets the content go. A 250 to DATA is not a delivery (no
+    content was sent): the accepted recipients are deferred and the connection dropped."""
+    session = ready_session()
+    session.begin("s@example.org", RECIPIENTS[:2], 10)
+    session.data_to_send()
+    events = session.receive(OK + OK + NO_USER + data_reply)
+    assert results(events) == [("a@example.test", 451), ("b@example.test", 550)]
+    (complete,) = [e for e in events if isinstance(e, TransactionComplete)]
+    assert complete.result.recipients[0].reply.text.endswith(data_reply.decode().strip())
+    assert isinstance(events[-1], SessionFailed) and session.stage is Stage.CLOSED
+    assert not any(isinstance(e, SendContent) for e in events)
+
+
+@pytest.mark.parametrize("final", [b"354 more please\r\n", b"334 what\r\n"])
+@pytest.mark.parametrize("chunked", [False, True], ids=["DATA", "BDAT"])
+def test_a_3xx_to_the_end_of_the_message_is_no_delivery(final, chunked):
+    """Only 2xx after the content delivers: a 3xx defers, and the connection is dropped."""
+    if chunked:
+        session = ready_session(EHLO_CHUNKING)
+        session.begin("s@example.org", RECIPIENTS[:1], len(MESSAGE), chunk=MESSAGE)
+        session.data_to_send()
+        events = session.receive(OK + OK + final)
+    else:
+        session = ready_session()
+        session.begin("s@example.org", RECIPIENTS[:1], 10)
+        session.receive(OK + OK + GO_AHEAD)
+        session.end_content()
+        events = session.receive(final)
+    assert results(events) == [("a@example.test", 451)]
+    assert isinstance(events[-1], SessionFailed) and session.stage is Stage.CLOSED
+
+
 # -- transactions without PIPELINING ---------------------------------------------------------
 
 
