@@ -9,6 +9,7 @@ from __future__ import annotations
 import email
 import email.policy
 import errno
+import gc
 import os
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,9 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet.task import deferLater
-from twisted.logger import LogEvent, Logger
+from twisted.logger import LogEvent, Logger, LogLevel, globalLogPublisher
 
+from twistedrelay.bench.behaviour import Action, StageContext
 from twistedrelay.config import parse_config
 from twistedrelay.delivery import service as delivery_service
 from twistedrelay.delivery.service import DeliveryService, build_delivery_service
@@ -396,6 +398,42 @@ async def test_a_250_to_data_is_not_taken_for_a_delivery(tmp_path: Path) -> None
     finally:
         await relay.stop()
         await sink.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_host_that_closes_mid_transaction_is_not_reset_for_reuse(tmp_path: Path) -> None:
+    """A 421 to RCPT and a close: the recipient is deferred and the connection dropped, with
+    no error logged (no RSET tried on a session that failed before its close was seen)."""
+
+    def busy_once(ctx: StageContext) -> Action | None:
+        if ctx.stage is Stage.RCPT and ctx.transaction_number == 1:
+            return Action(Reply(421, "4.3.2", "busy"), close_after=True)
+        return None
+
+    errors: list[LogEvent] = []
+
+    def observe(event: LogEvent) -> None:
+        if event.get("log_level") in (LogLevel.error, LogLevel.critical):
+            errors.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    sink = SinkServer(_reactor(), script=busy_once)
+    sink.start()
+    relay = Relay(tmp_path, {"routes": {"*": _route(sink)}})
+    relay.service.startService()
+    try:
+        queue_id = await relay.queue(["a@dest.test"])
+        await sink.wait_for_messages(1, DEADLINE_SECONDS)
+        await wait_until(_reactor(), relay.queue_empty, "queue empty")
+        (deferred,) = relay.deliveries(queue_id, "deferred")
+        assert "421 4.3.2 busy" in deferred
+        gc.collect()  # an orphaned failed Deferred would be reported now
+        await deferLater(relay.reactor, 0, lambda: None)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+        await relay.stop()
+        await sink.stop()
+    assert errors == []
 
 
 @pytest_twisted.ensureDeferred

@@ -168,8 +168,9 @@ class SMTPClientProtocol(Protocol):
 
     def reset(self) -> defer.Deferred[SMTPClientProtocol]:
         """RSET for the next transaction; fires when ready (at once when RSET is pipelined)."""
+        events = self.session.reset()  # first: a refusal must not orphan a new ready
         self.ready = defer.Deferred()
-        self._handle(self.session.reset())
+        self._handle(events)
         self._flush()
         return self.ready
 

@@ -29,6 +29,7 @@ from twistedrelay.delivery.outcome import (
     classify_connection_failure,
     classify_reply,
 )
+from twistedrelay.eventlog import sanitize
 from twistedrelay.metrics import RelayMetrics
 from twistedrelay.resolver import MailHost
 from twistedrelay.smtp.client_session import ClientSession
@@ -159,7 +160,7 @@ class DestinationPool:
                 "{destination}: TLS handshake with {host} failed ({reply}); retrying in clear",
                 destination=self.destination,
                 host=str(host),
-                reply=str(e.reply),
+                reply=sanitize(e.reply),
             )
         return await self._connect_with(host, ClientTLSOptions("none", None))
 
@@ -205,7 +206,11 @@ class DestinationPool:
     async def release(self, pooled: PooledConnection) -> None:
         """Give a connection back after a transaction: keep it for reuse or QUIT it."""
         protocol = pooled.protocol
-        if not protocol.is_open or protocol.session.transaction_count >= self.settings.reuse_limit:
+        if (
+            not protocol.is_open
+            or not protocol.session.reusable  # failed, its close not seen yet
+            or protocol.session.transaction_count >= self.settings.reuse_limit
+        ):
             protocol.quit()
             return
         try:

@@ -498,12 +498,10 @@ class ClientSession:
                 index + 1 < len(received) or self._parser.has_buffered
             ):
                 # RFC 3207 §4.2 and CVE-2011-0411: anything the host sent after its 220 came
-                # before the handshake, so it may be a man-in-the-middle's injection.
-                self._fail(
-                    replies.MALFORMED_REPLY.with_text("Data after 220 to STARTTLS"),
-                    events,
-                    send_quit=False,
-                )
+                # before the handshake, so it may be a man-in-the-middle's injection. No
+                # handshake is started on such a connection.
+                events.remove(StartTLS())
+                self._fail(replies.STARTTLS_INJECTION, events, send_quit=False)
                 break
         return events
 
@@ -631,6 +629,15 @@ class ClientSession:
         self._pending.append(_Command.END_OF_DATA)
         self.stage = Stage.TRANSACTION
         return []
+
+    @property
+    def reusable(self) -> bool:
+        """The last transaction is over and the connection is in step: reset() may follow.
+
+        False once the session failed or closed (a 421, a malformed reply, a timeout),
+        even while the adapter has not seen the connection close yet.
+        """
+        return self.stage in (Stage.DONE, Stage.READY)
 
     def reset(self) -> list[Event]:
         """Make the connection ready for another transaction with RSET (RFC 5321 §4.1.1.5).

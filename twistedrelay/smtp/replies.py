@@ -138,5 +138,10 @@ RSET_REFUSED = Reply(451, "4.5.0", "Mail host refused RSET")
 TLS_REQUIRED_NOT_OFFERED = Reply(450, "4.7.4", "TLS is required, but was not offered by host")
 TLS_REQUIRED_REFUSED = Reply(450, "4.7.4", "TLS is required, but host refused to start TLS")
 TLS_HANDSHAKE_FAILED = Reply(421, "4.7.5", "TLS handshake with mail host failed")
+# A handshake failure (so "may" falls back to clear text), never started: the host sent more
+# after its 220, which a man in the middle may have injected (RFC 3207 §4.2, CVE-2011-0411).
+STARTTLS_INJECTION = TLS_HANDSHAKE_FAILED.with_text(
+    f"{TLS_HANDSHAKE_FAILED.text}: data after its 220 to STARTTLS (possible injection)"
+)
 MESSAGE_TOO_BIG_FOR_HOST = Reply(552, "5.3.4", "Message size exceeds the size limit of host")
 SMTPUTF8_NOT_OFFERED = Reply(554, "5.6.7", "SMTPUTF8 is required, but was not offered by host")
