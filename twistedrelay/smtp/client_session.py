@@ -755,6 +755,11 @@ class ClientSession:
     def _on_rcpt(self, reply: Reply, events: list[Event]) -> None:
         transaction = self._current()
         index = self._rcpt_index
+        if reply.code == 552:
+            # RFC 5321 §4.5.3.1.10: a 552 to RCPT (too many recipients, or a full mailbox)
+            # SHOULD be taken as the temporary 452, as Postfix does.
+            enhanced = "4" + reply.enhanced[1:] if reply.enhanced else None
+            reply = Reply(452, enhanced, reply.text)
         transaction.rcpt_replies[index] = reply
         self._rcpt_index = index + 1
         if self.capabilities.pipelining:

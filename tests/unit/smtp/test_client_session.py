@@ -453,6 +453,24 @@ def test_a_3xx_to_the_end_of_the_message_is_no_delivery(final, chunked):
     assert isinstance(events[-1], SessionFailed) and session.stage is Stage.CLOSED
 
 
+def test_a_552_to_rcpt_is_taken_as_452():
+    """RFC 5321 §4.5.3.1.10: the recipient is deferred, not bounced."""
+    session = ready_session()
+    session.begin("s@example.org", RECIPIENTS[:2], 10)
+    session.data_to_send()
+    events = session.receive(OK + b"552 5.2.2 mailbox full\r\n" + OK + GO_AHEAD)
+    session.end_content()
+    events += session.receive(OK)
+    (complete,) = [e for e in events if isinstance(e, TransactionComplete)]
+    first, second = complete.result.recipients
+    assert (first.reply.code, first.reply.enhanced, first.reply.text) == (
+        452,
+        "4.2.2",
+        "mailbox full",
+    )
+    assert second.reply.code == 250
+
+
 # -- transactions without PIPELINING ---------------------------------------------------------
 
 
