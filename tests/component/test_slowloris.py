@@ -187,3 +187,34 @@ async def test_data_trickled_a_byte_at_a_time_hits_data_timeout(tmp_path: Path) 
     assert answer == replies.IDLE_TIMEOUT.to_bytes(), answer
     assert 0.4 <= seconds < 2.0, seconds
     assert harness.queued == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_command_trickled_a_byte_at_a_time_hits_command_timeout(tmp_path: Path) -> None:
+    """smtp.command_timeout counts from the last whole command: bytes that complete none do
+    not reset it, so a byte every 0.1 s cannot hold the connection (slowloris)."""
+    harness = InboundHarness(_reactor(), tmp_path, {"smtp": {"command_timeout": 0.5}})
+    port = harness.start()
+
+    def trickle() -> tuple[bytes, float]:
+        with socket.create_connection(("127.0.0.1", port), 5, ("127.0.0.8", 0)) as sock:
+            _read_line(sock)
+            started = time.monotonic()
+            sock.settimeout(0.1)
+            for _ in range(50):  # at most 5 s of one byte per 0.1 s, never a whole line
+                try:
+                    sock.sendall(b"N")
+                    answer = sock.recv(512)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    break
+                return answer, time.monotonic() - started
+            return b"", time.monotonic() - started
+
+    try:
+        answer, seconds = await threads.deferToThread(trickle)
+    finally:
+        await harness.stop()
+    assert answer == replies.IDLE_TIMEOUT.to_bytes(), answer
+    assert 0.4 <= seconds < 2.0, seconds

@@ -59,7 +59,6 @@ from twistedrelay.queue.entry import Envelope, Recipient
 from twistedrelay.queue.incoming import IncomingMessage, QueueWriteError
 from twistedrelay.queue.store import ClaimedEntry, QueueStore
 from twistedrelay.smtp import replies
-from twistedrelay.smtp.addresses import domain_of
 from twistedrelay.smtp.admission import Admission
 from twistedrelay.smtp.replies import Reply
 from twistedrelay.smtp.sasl import Credentials, SASLError, SASLExchange
@@ -319,7 +318,6 @@ class SMTPServerProtocol(Protocol):
     @override
     @_one_write
     def dataReceived(self, data: bytes) -> None:
-        self._reset_idle_timer()
         if not self._waiting:
             self._pump(data)
         else:
@@ -396,7 +394,13 @@ class SMTPServerProtocol(Protocol):
         """Feed the session and act on its events until it needs an asynchronous decision."""
         while not self._closed:
             pending: Event | None = None
-            for event in self.session.receive(data):
+            events = self.session.receive(data)
+            if events:
+                # A command (or message data) came whole: the client is not idle. Bytes
+                # that complete nothing do not count, so one byte every few seconds
+                # cannot hold a connection for ever (slowloris).
+                self._reset_idle_timer()
+            for event in events:
                 if isinstance(event, DataChunk):
                     if self._message is not None:
                         self._message.write(event.data)
@@ -553,7 +557,7 @@ class SMTPServerProtocol(Protocol):
     def _on_rcpt(self, event: RcptTo) -> Reply | defer.Deferred[Reply]:
         # Core relay policy first; its refusal is final (plugins may only narrow it).
         refusal = self.parts.policy.check_recipient(
-            self.client_address, self.session.is_authenticated, domain_of(event.recipient)
+            self.client_address, self.session.is_authenticated, event.recipient
         )
         if refusal is not None:
             self._rejected("RCPT", refusal, recipient=event.recipient)

@@ -230,6 +230,10 @@ _NOT_IMPLEMENTED_VERBS = frozenset({"TURN", "ETRN", "EXPN", "SEND", "SOML", "SAM
 #: Digits allowed in a BDAT chunk size (RFC 3030 sets no limit; a larger chunk could not
 #: fit any size limit anyway).
 _MAX_CHUNK_SIZE_DIGITS = 15
+#: NOOP, RSET, VRFY and HELP a session may send between messages; each one past it counts
+#: as an error (Postfix's smtpd_junk_command_limit), so a session of nothing else ends at
+#: ``max_errors`` instead of holding its connection for ever.
+JUNK_COMMAND_LIMIT = 100
 
 
 class ServerSession:
@@ -250,6 +254,7 @@ class ServerSession:
         self._awaiting_tls = False
         self._tls = False
         self._error_count = 0
+        self._junk_count = 0
         self._helo_name: str | None = None
         self._extended = False
         self._authenticated_as: str | None = None
@@ -400,6 +405,8 @@ class ServerSession:
                 self._decoder = DataDecoder(*limits)
         elif isinstance(event, DataEnd):
             self._reset_transaction()
+            if reply.is_positive:
+                self._junk_count = 0  # as Postfix: the count starts again after a message
         elif isinstance(event, StartTLS):
             if reply.code == 220:
                 # RFC 3207 §4.2 / CVE-2011-0411: nothing sent before the handshake may be
@@ -686,11 +693,11 @@ class ServerSession:
             raise CommandSyntaxError(replies.SYNTAX_ERROR)
         self._abort_chunks(events)
         self._reset_transaction()
-        self._reply(events, replies.RESET_OK)
+        self._reply(events, replies.RESET_OK, junk=True)
 
     def _on_noop(self, argument: str, events: list[Event]) -> None:
         # RFC 5321 §4.1.1.9: a NOOP argument is allowed and ignored.
-        self._reply(events, replies.NOOP_OK)
+        self._reply(events, replies.NOOP_OK, junk=True)
 
     def _on_quit(self, argument: str, events: list[Event]) -> None:
         if argument:
@@ -703,10 +710,10 @@ class ServerSession:
         if not argument:
             raise CommandSyntaxError(replies.SYNTAX_ERROR)
         # RFC 5321 §3.5.3: 252 when we will not verify but will try to deliver.
-        self._reply(events, replies.CANNOT_VRFY)
+        self._reply(events, replies.CANNOT_VRFY, junk=True)
 
     def _on_help(self, argument: str, events: list[Event]) -> None:
-        self._reply(events, replies.HELP)
+        self._reply(events, replies.HELP, junk=True)
 
     def _on_starttls(self, argument: str, events: list[Event]) -> None:
         if argument:
@@ -770,9 +777,16 @@ class ServerSession:
         self._pending = event
         events.append(event)
 
-    def _reply(self, events: list[Event], reply: Reply) -> None:
-        """Emit a reply the session decided itself, merged with a preceding Output."""
+    def _reply(self, events: list[Event], reply: Reply, *, junk: bool = False) -> None:
+        """Emit a reply the session decided itself, merged with a preceding Output.
+
+        :param junk: the reply answers NOOP, RSET, VRFY or HELP (JUNK_COMMAND_LIMIT).
+        """
         data = self._reply_bytes(reply)
+        if junk:
+            self._junk_count += 1
+            if self._junk_count > JUNK_COMMAND_LIMIT:
+                data += self._count_error()
         if events and isinstance(events[-1], Output):
             events[-1] = Output(events[-1].data + data)
         else:
@@ -783,12 +797,19 @@ class ServerSession:
     def _reply_bytes(self, reply: Reply) -> bytes:
         """Encode a reply, counting errors; at the limit append the 421 and plan to close."""
         data = reply.to_bytes()
-        if reply.code >= 400 and self._closing is None:
-            self._error_count += 1
-            if self._error_count >= self._settings.max_errors:
-                self._closing = Close("too_many_errors")
-                data += replies.TOO_MANY_ERRORS.to_bytes()
+        if reply.code >= 400:
+            data += self._count_error()
         return data
+
+    def _count_error(self) -> bytes:
+        """Count an error; at ``max_errors`` plan to close and return the 421 to send."""
+        if self._closing is not None:
+            return b""
+        self._error_count += 1
+        if self._error_count < self._settings.max_errors:
+            return b""
+        self._closing = Close("too_many_errors")
+        return replies.TOO_MANY_ERRORS.to_bytes()
 
     def _emit_close(self, events: list[Event]) -> None:
         """Emit the planned ``Close``; the session ignores input from now on."""

@@ -347,6 +347,26 @@ def test_line_too_long_without_newline_does_not_buffer() -> None:
     assert session.receive(b"\r\nNOOP\r\n") == [Output(replies.NOOP_OK.to_bytes())]
 
 
+def test_junk_commands_past_the_limit_count_as_errors() -> None:
+    """A session of nothing but NOOP, RSET, VRFY and HELP ends at the error limit (Postfix's
+    smtpd_junk_command_limit), instead of holding its connection for ever."""
+    settings = SessionSettings("mx.test", max_errors=3)
+    junk = [b"NOOP\r\n", b"RSET\r\n", b"VRFY x\r\n", b"HELP\r\n"] * 30
+    transcript = run(EHLO, *junk, settings=settings)
+    assert transcript.closed == "too_many_errors"
+    assert transcript.text.count("\r\n250 2.0.0 Ok") + transcript.text.count("\r\n252 ") >= 50
+    assert last_reply(transcript) == replies.TOO_MANY_ERRORS.to_bytes()
+
+
+def test_the_junk_count_starts_again_after_each_message() -> None:
+    """A client that RSETs between many messages on one connection is not cut off."""
+    settings = SessionSettings("mx.test", max_errors=3)
+    message = [MAIL, RCPT, b"DATA\r\n", b"Subject: x\r\n\r\nbody\r\n.\r\n", b"RSET\r\n"]
+    transcript = run(EHLO, *([b"NOOP\r\n"] * 60 + message) * 4, settings=settings)
+    assert transcript.closed is None
+    assert len(transcript.messages) == 4
+
+
 def test_too_many_errors_closes_with_421() -> None:
     """At max_errors the session sends 421 4.7.0 and Close; later input is ignored."""
     settings = SessionSettings("mx.test", max_errors=3)
