@@ -19,6 +19,9 @@ from twistedrelay.smtp import replies
 from twistedrelay.smtp.replies import Reply
 
 _TRUSTED_CACHE_SIZE = 4096
+# Characters of a local part that route mail further (the "percent hack", UUCP bang paths,
+# a quoted address): sender-specified routing.
+_ROUTING = frozenset("%!@")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -79,14 +82,21 @@ class RelayPolicy:
         return self.postmaster if recipient.lower() == "postmaster" else recipient
 
     def check_recipient(
-        self, client_address: str, authenticated: bool, recipient_domain: str
+        self, client_address: str, authenticated: bool, recipient: str
     ) -> Reply | None:
         """None when the recipient may be accepted, else the final refusal (554 5.7.1).
 
-        A recipient without a domain (``postmaster``) is local by RFC 5321 §4.5.1.
+        A recipient without a domain (``postmaster``) is local by RFC 5321 §4.5.1. For a
+        client that may not relay, a local part that routes further (``user%remote``,
+        ``remote!user``, a quoted ``"user@remote"``) is refused too, as Postfix does by
+        default (``allow_untrusted_routing = no``): a next hop that honours such routing
+        would otherwise finish the relay for it.
         """
-        if authenticated or not recipient_domain or self.is_local_domain(recipient_domain):
+        if authenticated or self.is_trusted_client(client_address):
             return None
-        if self.is_trusted_client(client_address):
+        local_part, at, domain = recipient.rpartition("@")
+        if not at:
+            return None  # postmaster
+        if self.is_local_domain(domain) and not _ROUTING.intersection(local_part):
             return None
         return replies.RELAY_DENIED

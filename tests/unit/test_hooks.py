@@ -372,7 +372,7 @@ def test_observer_hooks_run_off_the_hot_path_and_errors_are_only_logged():
 
 def check_recipient(r: HookRunner, policy: RelayPolicy, client: str, recipient: str) -> Reply:
     """The call sequence the SMTP server follows at RCPT (docs/hooks.md)."""
-    refusal = policy.check_recipient(client, False, recipient.rpartition("@")[2])
+    refusal = policy.check_recipient(client, False, recipient)
     if refusal is not None:
         return refusal
     if not r.has_hook("rcpt"):
