@@ -354,10 +354,13 @@ class Authenticator:
 class LoginThrottle:
     """Slows password guessing per client address (pure: the caller passes the time).
 
-    After ``threshold`` failures, each answer to that address waits ``base_delay_seconds``
-    doubled per further failure, capped at ``max_delay_seconds``. Failures are forgotten
-    ``window_seconds`` after the last one, or at a successful login. IPv6 clients are
-    counted per /64, because one host commonly holds the whole /64.
+    After ``threshold`` failures, each check of a password from that address waits
+    ``base_delay_seconds`` doubled per further failure, capped at ``max_delay_seconds``,
+    and only one such check runs at a time per address (``begin``/``end``): parallel
+    connections do not multiply the guesses. Failures are forgotten ``window_seconds``
+    after the last one; a successful login does not forget them (a guesser with one
+    account of their own could otherwise reset the count). IPv6 clients are counted per
+    /64, because one host commonly holds the whole /64. The count is per worker process.
     """
 
     def __init__(
@@ -377,6 +380,7 @@ class LoginThrottle:
         self.max_addresses = max_addresses
         # key -> (failures, time of the last failure); dicts keep insertion order, oldest first
         self._failures: dict[str, tuple[int, float]] = {}
+        self._throttled_in_flight: set[str] = set()
 
     def delay_for(self, address: str, now: float) -> float:
         """Seconds to wait before answering this address's next AUTH (0 when not throttled)."""
@@ -395,9 +399,28 @@ class LoginThrottle:
         while len(self._failures) > self.max_addresses:
             del self._failures[next(iter(self._failures))]
 
-    def record_success(self, address: str, now: float) -> None:
-        """Forget ``address``'s failures after a good login."""
-        self._failures.pop(_throttle_key(address), None)
+    def begin(self, address: str, now: float) -> float | None:
+        """Start checking a password from ``address``: how long to wait before the check.
+
+        :returns: seconds to wait first, or None when a throttled check from that address
+            is still running (refuse this one). Every call that returns a number must be
+            followed by ``end`` once the check is done.
+        """
+        delay = self.delay_for(address, now)
+        if delay > 0:
+            key = _throttle_key(address)
+            if key in self._throttled_in_flight:
+                return None
+            self._throttled_in_flight.add(key)
+        return delay
+
+    def end(self, address: str) -> None:
+        """The check started by ``begin`` is over."""
+        self._throttled_in_flight.discard(_throttle_key(address))
+
+    def checking(self, address: str) -> bool:
+        """True while a throttled check from ``address`` (its /64) is running."""
+        return _throttle_key(address) in self._throttled_in_flight
 
     def _count(self, key: str, now: float) -> int:
         count, last = self._failures.get(key, (0, now))

@@ -26,6 +26,7 @@ from twistedrelay.queue.store import read_entry_metadata
 from twistedrelay.smtp import replies
 from twistedrelay.testing.certs import TestCertificates, make_test_certificates
 from twistedrelay.testing.inbound import InboundHarness
+from twistedrelay.testing.waiting import wait_until
 
 USER = "alice@example.org"
 PASSWORD = "correct horse battery staple"
@@ -289,6 +290,39 @@ async def test_wrong_passwords_get_535_then_slower_answers(
     assert throttle.delay_for("127.0.0.1", time.time()) >= 0.4
     failures = [line for line in harness.mail_log() if "auth" in line and USER in line]
     assert len(failures) == 3, harness.mail_log()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_throttled_address_gets_one_password_check_at_a_time(
+    tmp_path: Path, certs: TestCertificates, users_file: Path
+) -> None:
+    """Past the threshold, parallel connections do not multiply the guesses: while one
+    delayed check runs, another AUTH from the address is answered 454 at once."""
+    throttle = LoginThrottle(threshold=1, base_delay_seconds=2.0, max_delay_seconds=2.0)
+    harness = _start(tmp_path, certs, users_file, throttle=throttle)
+    throttle.record_failure("127.0.0.1", time.time())
+
+    def guess(attempt: int) -> tuple[int, float]:
+        client = _submission_client(harness.ports["submission"])
+        try:
+            client.starttls(context=_client_context(certs))
+            client.ehlo()
+            plain = base64.b64encode(f"\0{USER}\0wrong {attempt}".encode()).decode()
+            started = time.monotonic()
+            code, _ = client.docmd("AUTH", f"PLAIN {plain}")
+            return code, time.monotonic() - started
+        finally:
+            client.close()
+
+    try:
+        first = threads.deferToThread(guess, 1)
+        await wait_until(_reactor(), lambda: throttle.checking("127.0.0.1"), "a check running")
+        second = await threads.deferToThread(guess, 2)
+        first_result = await first
+    finally:
+        await harness.stop()
+    assert second[0] == 454 and second[1] < 1.5, second
+    assert first_result[0] == 535 and first_result[1] >= 2.0, first_result
 
 
 @pytest_twisted.ensureDeferred

@@ -260,15 +260,30 @@ def test_throttle_delays_exponentially_after_threshold_up_to_the_cap():
     assert throttle.delay_for("192.0.2.2", now=10.0) == 0
 
 
-def test_throttle_forgets_after_window_and_on_success():
-    """Failures expire a window after the last one, and a good login clears them."""
+def test_throttle_forgets_a_window_after_the_last_failure():
+    """Failures expire a window after the last one (and only then: a good login by the same
+    address, which a guesser with an account of their own could make, does not reset it)."""
     throttle = LoginThrottle(threshold=1, window_seconds=60.0)
     throttle.record_failure("192.0.2.1", now=0.0)
     assert throttle.delay_for("192.0.2.1", now=60.0) == 1.0
     assert throttle.delay_for("192.0.2.1", now=60.5) == 0.0
-    throttle.record_failure("192.0.2.1", now=100.0)
-    throttle.record_success("192.0.2.1", now=101.0)
-    assert throttle.delay_for("192.0.2.1", now=101.0) == 0.0
+
+
+def test_throttled_checks_run_one_at_a_time_per_address():
+    """Parallel connections cannot multiply the guesses: past the threshold, a second check
+    from the same address is refused while one is running."""
+    throttle = LoginThrottle(threshold=1)
+    assert throttle.begin("192.0.2.1", now=0.0) == 0.0  # not throttled: no limit
+    assert throttle.begin("192.0.2.1", now=0.0) == 0.0
+    throttle.end("192.0.2.1")
+    throttle.end("192.0.2.1")
+    throttle.record_failure("192.0.2.1", now=0.0)
+    assert throttle.begin("192.0.2.1", now=0.0) == 1.0
+    assert throttle.checking("192.0.2.1")
+    assert throttle.begin("192.0.2.1", now=0.0) is None
+    assert throttle.begin("192.0.2.2", now=0.0) == 0.0  # another address is not held
+    throttle.end("192.0.2.1")
+    assert throttle.begin("192.0.2.1", now=0.0) == 1.0
 
 
 def test_throttle_counts_ipv6_per_64_and_mapped_ipv4_as_ipv4():

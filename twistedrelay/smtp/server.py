@@ -783,12 +783,21 @@ class SMTPServerProtocol(Protocol):
             return step
         self._sasl = None
         assert self.parts.authenticator is not None
-        throttle, now = self.parts.throttle, self.parts.reactor.seconds()
-        delay = throttle.delay_for(self.client_address, now)
-        checked = self.parts.authenticator.authenticate(step.username, step.password)
+        throttle, reactor = self.parts.throttle, self.parts.reactor
+        delay = throttle.begin(self.client_address, reactor.seconds())
+        if delay is None:  # a throttled check from this address is running: one at a time
+            self.parts.maillog.auth(self.client_address, step.username, ok=False)
+            return replies.AUTH_TEMPORARY_FAILURE
+        authenticator = self.parts.authenticator
+        # Slow down password guessing from this address: the wait comes before the check,
+        # so that answers cut short by closing the connection gain nothing.
+        checked = (
+            deferLater(reactor, delay, authenticator.authenticate, step.username, step.password)
+            if delay > 0
+            else authenticator.authenticate(step.username, step.password)
+        )
 
         def succeeded(identity: str) -> Reply:
-            throttle.record_success(self.client_address, self.parts.reactor.seconds())
             self.parts.maillog.auth(self.client_address, identity, ok=True)
             self._auth_identity = identity
             return replies.AUTH_SUCCEEDED
@@ -801,13 +810,11 @@ class SMTPServerProtocol(Protocol):
                 return replies.AUTH_TEMPORARY_FAILURE
             return replies.AUTH_FAILED
 
-        result = checked.addCallbacks(succeeded, failed)
-        if delay > 0:
-            # Slow down password guessing from this address (the answer, not the check).
-            return result.addCallback(
-                lambda reply: deferLater(self.parts.reactor, delay, lambda: reply)
-            )
-        return result
+        def done(reply: Reply) -> Reply:
+            throttle.end(self.client_address)
+            return reply
+
+        return checked.addCallbacks(succeeded, failed).addCallback(done)
 
     def _auth_offered(self) -> bool:
         if self.parts.authenticator is None:
