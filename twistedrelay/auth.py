@@ -27,7 +27,6 @@ import binascii
 import getpass
 import hashlib
 import hmac
-import ipaddress
 import os
 import secrets
 import sys
@@ -43,6 +42,8 @@ from twisted.internet import defer, threads
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
+
+from twistedrelay.smtp.admission import client_key
 
 # -- password hashes -----------------------------------------------------------------------
 
@@ -384,7 +385,7 @@ class LoginThrottle:
 
     def delay_for(self, address: str, now: float) -> float:
         """Seconds to wait before answering this address's next AUTH (0 when not throttled)."""
-        count = self._count(_throttle_key(address), now)
+        count = self._count(client_key(address), now)
         if count < self.threshold:
             return 0.0
         delay = self.base_delay_seconds * 2.0 ** min(count - self.threshold, 64)
@@ -392,7 +393,7 @@ class LoginThrottle:
 
     def record_failure(self, address: str, now: float) -> None:
         """Count a failed login from ``address``."""
-        key = _throttle_key(address)
+        key = client_key(address)
         count = self._count(key, now)
         self._failures.pop(key, None)
         self._failures[key] = (count + 1, now)
@@ -408,7 +409,7 @@ class LoginThrottle:
         """
         delay = self.delay_for(address, now)
         if delay > 0:
-            key = _throttle_key(address)
+            key = client_key(address)
             if key in self._throttled_in_flight:
                 return None
             self._throttled_in_flight.add(key)
@@ -416,11 +417,11 @@ class LoginThrottle:
 
     def end(self, address: str) -> None:
         """The check started by ``begin`` is over."""
-        self._throttled_in_flight.discard(_throttle_key(address))
+        self._throttled_in_flight.discard(client_key(address))
 
     def checking(self, address: str) -> bool:
         """True while a throttled check from ``address`` (its /64) is running."""
-        return _throttle_key(address) in self._throttled_in_flight
+        return client_key(address) in self._throttled_in_flight
 
     def _count(self, key: str, now: float) -> int:
         count, last = self._failures.get(key, (0, now))
@@ -428,18 +429,6 @@ class LoginThrottle:
             del self._failures[key]
             return 0
         return count
-
-
-def _throttle_key(address: str) -> str:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
 
 
 # -- twistedrelay passwd -------------------------------------------------------------------

@@ -38,3 +38,19 @@ def test_ended_never_goes_negative():
     admission.ended("192.0.2.1")
     assert admission.open_sessions == 0
     assert admission.sessions_from("192.0.2.1") == 0
+
+
+def test_an_ipv6_client_is_its_64_and_a_mapped_ipv4_its_address():
+    """Every address of one /64 counts as one client, so a host cannot take more slots by
+    using more of its addresses; ::ffff:192.0.2.1 is 192.0.2.1."""
+    limits = SMTPConfig(max_connections=10, max_connections_per_ip=2)
+    admission = Admission()
+    for address in ("2001:db8:1:2::1", "2001:db8:1:2::ffff"):
+        assert admission.refusal_for(address, 0, limits) is None
+        admission.started(address)
+    assert admission.refusal_for("2001:db8:1:2:abcd::9", 0, limits) == replies.TOO_MANY_CONNECTIONS
+    assert admission.refusal_for("2001:db8:1:3::1", 0, limits) is None
+    admission.started("::ffff:192.0.2.1")
+    assert admission.sessions_from("192.0.2.1") == 1
+    admission.ended("2001:db8:1:2::1")
+    assert admission.sessions_from("2001:db8:1:2::77") == 1
