@@ -513,10 +513,21 @@ def set_password(path: Path, user: str, password: str) -> bool:
 
 
 def _write_atomically(path: Path, lines: Iterable[str]) -> None:
+    """Replace ``path`` (mode 0600), keeping the owner and group of the file it replaces.
+
+    Run as root for a relay whose workers run as another user, the new file must stay
+    readable by them.
+    """
     directory = path.parent
+    try:
+        before = path.stat()
+    except FileNotFoundError:
+        before = None
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o600)
+        if before is not None and (before.st_uid, before.st_gid) != (os.geteuid(), os.getegid()):
+            os.fchown(fd, before.st_uid, before.st_gid)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write("".join(line + "\n" for line in lines))
             f.flush()

@@ -24,6 +24,7 @@ from twistedrelay.auth import (
     hash_password,
     parse_users,
     passwd_main,
+    set_password,
     verify_password,
 )
 
@@ -321,6 +322,17 @@ def test_passwd_creates_the_file_with_mode_0600(tmp_path: Path):
     assert (status, message) == (0, "added user alice@example.com\n")
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert UsersFile(path).check_password("alice@example.com", "s3cret")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
+def test_passwd_keeps_the_owner_of_the_file_it_replaces(tmp_path: Path):
+    """Root updating the users file of unprivileged workers leaves it theirs."""
+    users = tmp_path / "users"
+    set_password(users, "alice", "first")
+    os.chown(users, 65534, 65534)  # nobody
+    set_password(users, "alice", "second")
+    stat = users.stat()
+    assert (stat.st_uid, stat.st_gid, stat.st_mode & 0o777) == (65534, 65534, 0o600)
 
 
 def test_passwd_replaces_a_password_and_keeps_other_lines(tmp_path: Path):

@@ -12,6 +12,7 @@ any failure before that removes the partial file and answers 4xx.
 from __future__ import annotations
 
 import functools
+import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
@@ -89,7 +90,6 @@ LISTENER_MODES = ("smtp", "submission", "submissions")
 #: at every decision cost about 8 epoll_ctl calls per message, yet clients seldom send
 #: more than the next pipelined commands ahead; the bound keeps a flood's memory small.
 HELD_INPUT_LIMIT = 64 * 1024
-LOOPBACK_PREFIXES = ("127.", "::1", "::ffff:127.")
 
 
 class NewClaims(TypingProtocol):
@@ -821,9 +821,8 @@ class SMTPServerProtocol(Protocol):
             return False
         if self.tls is not None:
             return True
-        return (
-            self.parts.config.auth.allow_plaintext_on_loopback
-            and self.client_address.startswith(LOOPBACK_PREFIXES)
+        return self.parts.config.auth.allow_plaintext_on_loopback and _is_loopback(
+            self.client_address
         )
 
     def _settings(self) -> SessionSettings:
@@ -920,6 +919,17 @@ class SMTPServerProtocol(Protocol):
             recipient=recipient,
             detail=detail,
         )
+
+
+def _is_loopback(address: str) -> bool:
+    """127.0.0.0/8, ::1, or an IPv4-mapped 127.x: traffic that never left the host."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
 
 
 def _hook_detail(decision: Decision, ctx: HookContext) -> str:
