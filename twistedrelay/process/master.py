@@ -103,6 +103,29 @@ def worker_identity(config: Config) -> tuple[int | None, int | None]:
     return uid, gid
 
 
+def give_tree(directory: str, uid: int | None, gid: int | None) -> int:
+    """Make ``uid``/``gid`` (None: unchanged) own ``directory`` and everything below it.
+
+    :returns: how many entries changed owner (only those that differed are touched).
+    """
+    changed = 0
+    for root, _, files in os.walk(directory):
+        for path in (root, *(os.path.join(root, name) for name in files)):
+            changed += _give(path, uid, gid)
+    return changed
+
+
+def _give(path: str, uid: int | None, gid: int | None) -> int:
+    try:
+        stat = os.lstat(path)
+    except FileNotFoundError:
+        return 0  # removed meanwhile
+    if (uid is None or stat.st_uid == uid) and (gid is None or stat.st_gid == gid):
+        return 0
+    os.lchown(path, -1 if uid is None else uid, -1 if gid is None else gid)
+    return 1
+
+
 class ClaimReturner(Protocol):
     """The part of the queue the master uses (QueueStore provides it)."""
 
@@ -502,7 +525,15 @@ class MasterService(MultiService):
         metrics_directory = prepare_multiprocess_dir(self.metrics_directory)
         uid, gid = worker_identity(self.config)
         if uid is not None or gid is not None:
-            os.chown(metrics_directory, -1 if uid is None else uid, -1 if gid is None else gid)
+            # The workers write the queue as [workers] user: give them what the master
+            # made as root (the directories above, files of a run as another user).
+            changed = give_tree(directory, uid, gid) + give_tree(str(metrics_directory), uid, gid)
+            if changed:
+                log.info(
+                    "queue {directory}: gave {count} files to the workers' user",
+                    directory=directory,
+                    count=changed,
+                )
         environment = {**os.environ, **worker_environment(metrics_directory)}
         self.supervisor = WorkerSupervisor(
             self._reactor,
