@@ -598,6 +598,42 @@ async def test_reload_with_new_nameservers_resolves_with_them(tmp_path: Path) ->
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_host_that_greets_with_554_is_skipped_for_the_next_mx(tmp_path: Path) -> None:
+    """As Postfix's smtp_skip_5xx_greeting: the next MX gets the mail; with none left the
+    mail would be deferred, never bounced for a host that would not talk."""
+    reactor = _reactor()
+    refusing = SinkServer(
+        reactor, script=reply_at(Stage.CONNECT, Reply(554, "5.7.1", "not talking to you"))
+    )
+    port = refusing.start(interface="127.0.0.2")
+    sink = SinkServer(reactor)
+    sink.start(interface="127.0.0.1", port=port)
+    dns = DNSTestServer(
+        {
+            "skip.test": {"MX": [[10, "mx1.skip.test"], [20, "mx2.skip.test"]]},
+            "mx1.skip.test": {"A": ["127.0.0.2"]},
+            "mx2.skip.test": {"A": ["127.0.0.1"]},
+        }
+    )
+    dns_port = dns.start(reactor)
+    relay = Relay(tmp_path, {"smtp_port": port}, nameservers=[f"127.0.0.1:{dns_port}"])
+    relay.service.startService()
+    try:
+        queue_id = await relay.queue(["x@skip.test"])
+        (message,) = await sink.wait_for_messages(1, DEADLINE_SECONDS)
+        assert message.recipients == (b"x@skip.test",)
+        await wait_until(reactor, lambda: relay.deliveries(queue_id, "sent"), "sent")
+        (line,) = relay.deliveries(queue_id)
+        assert "mx2.skip.test" in line
+        assert refusing.messages == []
+    finally:
+        await relay.stop()
+        await dns.stop()
+        await sink.stop()
+        await refusing.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_three_domains_share_one_entry(tmp_path: Path) -> None:
     """One message to three routed domains: each sink gets it once; one file, removed at the end."""
     reactor = _reactor()

@@ -698,6 +698,11 @@ class ClientSession:
 
     def _on_greeting(self, reply: Reply, events: list[Event]) -> None:
         if reply.code != 220:
+            if reply.is_permanent:
+                # As Postfix (smtp_skip_5xx_greeting): a host that will not talk is skipped
+                # for the next one, and the mail deferred, not bounced, when none will.
+                refused = replies.GREETING_REFUSED
+                reply = refused.with_text(f"{refused.text}: {reply}")
             # RFC 5321 §3.1: after a 554 greeting the client SHOULD send QUIT.
             self._fail(reply, events, send_quit=True)
             return

@@ -197,10 +197,13 @@ def test_ehlo_tempfail_fails_the_session():
 
 
 def test_554_greeting_fails_the_session_and_sends_quit():
-    """RFC 5321 §3.1: after a 554 greeting the client sends QUIT."""
+    """RFC 5321 §3.1: after a 554 greeting the client sends QUIT. The failure is temporary
+    (Postfix's smtp_skip_5xx_greeting): the next host is tried, the mail deferred."""
     session = ClientSession("relay.test")
     events = session.receive(b"554 5.3.2 No SMTP service here\r\n")
-    assert events == [SessionFailed(Reply(554, "5.3.2", "No SMTP service here"))]
+    refused = replies.GREETING_REFUSED
+    expected = refused.with_text(f"{refused.text}: 554 5.3.2 No SMTP service here")
+    assert events == [SessionFailed(expected)]
     assert session.data_to_send() == b"QUIT\r\n"
 
 
