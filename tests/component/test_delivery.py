@@ -634,6 +634,36 @@ async def test_a_host_that_greets_with_554_is_skipped_for_the_next_mx(tmp_path: 
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_reused_connection_lost_before_any_answer_is_replaced_at_once(
+    tmp_path: Path,
+) -> None:
+    """The host hangs up at the second message's MAIL on a reused connection: the message
+    goes on a new connection straight away, not deferred for a backoff."""
+
+    def hang_up_at_second_mail(ctx: StageContext) -> Action | None:
+        if ctx.stage is Stage.MAIL and ctx.transaction_number == 2:
+            return Action(hang_up=True)
+        return None
+
+    sink = SinkServer(_reactor(), script=hang_up_at_second_mail)
+    sink.start()
+    relay = Relay(tmp_path, {"routes": {"*": _route(sink)}, "idle_timeout": 30})
+    relay.service.startService()
+    try:
+        first = await relay.queue(["a@dest.test"])
+        await sink.wait_for_messages(1, DEADLINE_SECONDS)
+        await wait_until(_reactor(), lambda: relay.deliveries(first, "sent"), "first sent")
+        second = await relay.queue(["b@dest.test"])
+        await sink.wait_for_messages(2, DEADLINE_SECONDS)
+        await wait_until(_reactor(), lambda: relay.deliveries(second, "sent"), "second sent")
+        assert relay.deliveries(second, "deferred") == []
+        assert sink.stats.connections_total == 2
+    finally:
+        await relay.stop()
+        await sink.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_three_domains_share_one_entry(tmp_path: Path) -> None:
     """One message to three routed domains: each sink gets it once; one file, removed at the end."""
     reactor = _reactor()

@@ -73,6 +73,7 @@ class PooledConnection:
     host: MailHost
     tls: ClientTLSOptions
     idle_timer: IDelayedCall | None = None
+    reused: bool = False  # taken from the idle connections for this transaction
 
     @property
     def tls_description(self) -> str:
@@ -120,17 +121,19 @@ class DestinationPool:
         self.idle: list[PooledConnection] = []
         self.open_count = 0
 
-    async def acquire(self, hosts: Sequence[MailHost]) -> PooledConnection:
+    async def acquire(self, hosts: Sequence[MailHost], *, fresh: bool = False) -> PooledConnection:
         """A ready connection: an idle one if any, else a new one to the first host that works.
 
+        :param fresh: always a new connection (an idle one just failed).
         :raises AllHostsFailedError: every host failed to connect or refused EHLO.
         """
-        while self.idle:
+        while self.idle and not fresh:
             pooled = self.idle.pop()
             if pooled.idle_timer is not None and pooled.idle_timer.active():
                 pooled.idle_timer.cancel()
             if pooled.protocol.is_ready and pooled.protocol.is_open:
                 self.metrics.outbound_connection_reused()
+                pooled.reused = True
                 return pooled
         last: Outcome | None = None
         for host in hosts:

@@ -352,12 +352,22 @@ class DeliveryService(Service):
             pool = self._pool_for(destination)
             try:
                 pooled = await pool.acquire(hosts)
+                result = await pooled.protocol.send(
+                    self._outbound(entry.claimed, payload.recipients)
+                )
+                if pooled.reused and not result.answered:
+                    # A reused connection failed before the host answered anything (it was
+                    # closed while idle, or refused the RSET): send now on a new one rather
+                    # than defer the message for a backoff it did nothing to earn.
+                    await pool.release(pooled)
+                    pooled = await pool.acquire(hosts, fresh=True)
+                    message = self._outbound(entry.claimed, payload.recipients)
+                    result = await pooled.protocol.send(message)
             except AllHostsFailedError as e:
                 if e.outcome.result is Result.DEFERRED and not rerouted:
                     failure = e.outcome
                 self._record_all(entry, payload.recipients, e.outcome, "none")
                 return
-            result = await pooled.protocol.send(self._outbound(entry.claimed, payload.recipients))
             relay = str(pooled.host)
             by_address = {r.address: r for r in payload.recipients}
             for recipient_result in result.recipients:

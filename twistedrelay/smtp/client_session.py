@@ -308,11 +308,14 @@ class TransactionResult:
     """One reply per recipient, in the order given to begin().
 
     ``sent`` is False when the session refused the transaction itself (SIZE, SMTPUTF8)
-    without saying anything to the host.
+    without saying anything to the host. ``answered`` is False when the host answered no
+    command of it, not even MAIL (the connection was lost, or a pipelined RSET refused):
+    the transaction can go at once on another connection.
     """
 
     recipients: tuple[RecipientResult, ...]
     sent: bool = True
+    answered: bool = True
 
     @property
     def accepted(self) -> tuple[RecipientResult, ...]:
@@ -429,7 +432,7 @@ class _Transaction:
             else:
                 reply = final
             results.append(RecipientResult(recipient, reply))
-        return TransactionResult(tuple(results))
+        return TransactionResult(tuple(results), answered=self.mail_reply is not None)
 
 
 # -- the session -----------------------------------------------------------------------------
