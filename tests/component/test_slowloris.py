@@ -148,6 +148,9 @@ async def test_connection_rate_per_ip_refuses_a_flood(tmp_path: Path) -> None:
         await harness.stop()
     assert [g[:4] for g in greetings[:3]] == [b"220 "] * 3
     assert greetings[3] == replies.TOO_MANY_CONNECTIONS.to_bytes()
+    # One mail-log line per refusal, for fail2ban and the like.
+    (refusal,) = [line for line in harness.mail_log() if "reject: CONNECT" in line]
+    assert "from [127.0.0.6]: 421 4.7.0" in refusal, refusal
 
 
 @pytest_twisted.ensureDeferred

@@ -149,6 +149,8 @@ class SMTPServerFactory(ServerFactory):
         host = str(getattr(addr, "host", ""))
         refusal = self._refusal_for(host)
         if refusal is not None:
+            # One line per refused connection, for fail2ban and the like.
+            self.parts.maillog.rejected("CONNECT", host, refusal)
             return _RefusingProtocol(refusal)
         protocol = SMTPServerProtocol(self, host, int(getattr(addr, "port", 0)))
         return protocol
