@@ -47,6 +47,8 @@ from twistedrelay.smtp.admission import client_key
 
 # -- password hashes -----------------------------------------------------------------------
 
+#: Password checks that run at once in one worker (UsersFileChecker).
+CONCURRENT_CHECKS = 2
 # RFC 7914 parameters: N=2**14, r=8 costs 16 MiB and tens of milliseconds per check.
 SCRYPT_N = 2**14
 SCRYPT_R = 8
@@ -256,7 +258,9 @@ class IAuthenticatedUser(Interface):
 class UsersFileChecker:
     """A twisted.cred checker of user names and passwords against a :class:`UsersFile`.
 
-    scrypt runs in ``threadpool``, never on the reactor thread.
+    scrypt runs in ``threadpool``, never on the reactor thread, and at most
+    CONCURRENT_CHECKS at a time: each check takes 16 MiB, so a flood of AUTH attempts
+    waits its turn instead of holding that in every pool thread at once.
     """
 
     credentialInterfaces = (credentials.IUsernamePassword,)
@@ -267,6 +271,7 @@ class UsersFileChecker:
         self._users = users
         self._reactor = reactor
         self._threadpool = threadpool
+        self._slots = defer.DeferredSemaphore(CONCURRENT_CHECKS)
 
     def requestAvatarId(  # type: ignore[override]  # our avatar IDs are str user names
         self, credentials: credentials.IUsernamePassword
@@ -277,8 +282,13 @@ class UsersFileChecker:
         """
         name = _text(credentials.username)
         password = _text(credentials.password)
-        d = threads.deferToThreadPool(
-            self._reactor, self._threadpool, self._users.check_password, name, password
+        d = self._slots.run(
+            threads.deferToThreadPool,
+            self._reactor,
+            self._threadpool,
+            self._users.check_password,
+            name,
+            password,
         )
 
         def verdict(matched: bool) -> str:

@@ -16,6 +16,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from twistedrelay.auth import (
+    CONCURRENT_CHECKS,
     Authenticator,
     LoginThrottle,
     User,
@@ -236,6 +237,32 @@ def test_authenticate_with_broken_users_file_is_a_temporary_failure(tmp_path: Pa
     authenticator, _ = make_authenticator(tmp_path, "garbage\n")
     failure = result_of(authenticator.authenticate("alice", "pw"))
     assert failure.check(UsersFileError) and not failure.check(UnauthorizedLogin)
+
+
+class HeldThreadPool:
+    """Keeps every job until the test lets it finish, to count how many run at once."""
+
+    def __init__(self) -> None:
+        self.held: list[Callable[[], None]] = []
+
+    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):  # noqa: N802
+        self.held.append(lambda: on_result(True, f(*args, **kwargs)))
+
+
+def test_no_more_than_two_password_checks_run_at_once(tmp_path: Path):
+    """scrypt takes 16 MiB a check: a flood of logins waits for a slot, none is lost."""
+    path = tmp_path / "users"
+    path.write_text(f"alice:{fast_hash('pw')}\n")
+    pool = HeldThreadPool()
+    authenticator = Authenticator(UsersFile(path), ImmediateReactor(), pool)  # type: ignore[arg-type]
+    logins = [authenticator.authenticate("alice", "pw") for _ in range(5)]
+    finished = 0
+    while pool.held:
+        assert len(pool.held) <= CONCURRENT_CHECKS
+        pool.held.pop(0)()
+        finished += 1
+    assert finished == 5
+    assert [result_of(login) for login in logins] == ["alice"] * 5
 
 
 def test_authenticator_may_send_as_uses_the_users_file(tmp_path: Path):
