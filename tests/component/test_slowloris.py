@@ -153,6 +153,23 @@ async def test_connection_rate_per_ip_refuses_a_flood(tmp_path: Path) -> None:
     assert "from [127.0.0.6]: 421 4.7.0" in refusal, refusal
 
 
+def _trickle_until_answered(sock: socket.socket, byte: bytes) -> tuple[bytes, float]:
+    """Send ``byte`` every 0.1 s (at most 5 s) until the server answers or closes; return
+    the answer and the seconds it took."""
+    started = time.monotonic()
+    sock.settimeout(0.1)
+    for _ in range(50):
+        try:
+            sock.sendall(byte)
+            answer = sock.recv(512)
+        except TimeoutError:
+            continue
+        except OSError:
+            break
+        return answer, time.monotonic() - started
+    return b"", time.monotonic() - started
+
+
 @pytest_twisted.ensureDeferred
 async def test_data_trickled_a_byte_at_a_time_hits_data_timeout(tmp_path: Path) -> None:
     """smtp.data_timeout bounds the whole DATA phase: trickling bytes does not reset it."""
@@ -170,18 +187,7 @@ async def test_data_trickled_a_byte_at_a_time_hits_data_timeout(tmp_path: Path) 
                 chunk = sock.recv(512)
                 assert chunk, replies_so_far
                 replies_so_far += chunk
-            started = time.monotonic()
-            sock.settimeout(0.1)
-            for _ in range(50):  # at most 5 s of one byte per 0.1 s
-                try:
-                    sock.sendall(b"x")
-                    answer = sock.recv(512)
-                except TimeoutError:
-                    continue
-                except OSError:
-                    break
-                return answer, time.monotonic() - started
-            return b"", time.monotonic() - started
+            return _trickle_until_answered(sock, b"x")
 
     try:
         answer, seconds = await threads.deferToThread(trickle)
@@ -202,18 +208,7 @@ async def test_a_command_trickled_a_byte_at_a_time_hits_command_timeout(tmp_path
     def trickle() -> tuple[bytes, float]:
         with socket.create_connection(("127.0.0.1", port), 5, ("127.0.0.8", 0)) as sock:
             _read_line(sock)
-            started = time.monotonic()
-            sock.settimeout(0.1)
-            for _ in range(50):  # at most 5 s of one byte per 0.1 s, never a whole line
-                try:
-                    sock.sendall(b"N")
-                    answer = sock.recv(512)
-                except TimeoutError:
-                    continue
-                except OSError:
-                    break
-                return answer, time.monotonic() - started
-            return b"", time.monotonic() - started
+            return _trickle_until_answered(sock, b"N")  # never a whole line
 
     try:
         answer, seconds = await threads.deferToThread(trickle)

@@ -153,12 +153,8 @@ class _ContentChecks:
                 self._error = replies.TOO_MANY_HOPS
 
 
-class DataDecoder:
-    """Decodes one message's DATA section from a stream of chunks.
-
-    The stream is treated as if it began with ``<CRLF>`` (the end of the DATA command
-    line), so ``.<CRLF>`` as the very first line is an empty message and a leading ``.``
-    on the first line is unstuffed like any other.
+class _CheckedContent:
+    """What DataDecoder and ChunkDecoder share: the content checks and their verdict.
 
     :param max_size: decoded bytes allowed; more → ``MESSAGE_TOO_BIG``.
     :param max_received_headers: Received: header fields allowed in the header section;
@@ -179,6 +175,29 @@ class DataDecoder:
         self._checks = _ContentChecks(
             max_size, max_received_headers, max_header_size, max_line_length
         )
+
+    @property
+    def error(self) -> Reply | None:
+        """Why the message must be rejected, or None. A bare CR/LF takes precedence."""
+        return self._checks.error
+
+
+class DataDecoder(_CheckedContent):
+    """Decodes one message's DATA section from a stream of chunks.
+
+    The stream is treated as if it began with ``<CRLF>`` (the end of the DATA command
+    line), so ``.<CRLF>`` as the very first line is an empty message and a leading ``.``
+    on the first line is unstuffed like any other. The limits are _CheckedContent's.
+    """
+
+    def __init__(
+        self,
+        max_size: int,
+        max_received_headers: int,
+        max_header_size: int,
+        max_line_length: int = 0,
+    ) -> None:
+        super().__init__(max_size, max_received_headers, max_header_size, max_line_length)
         # The virtual CRLF that ends the DATA command line; removed from the output.
         self._carry = b"\r\n"
         self._skip = 2
@@ -187,11 +206,6 @@ class DataDecoder:
     def size(self) -> int:
         """Decoded message bytes seen so far (counted even after an error)."""
         return self._checks.size
-
-    @property
-    def error(self) -> Reply | None:
-        """Why the message must be rejected, or None. A bare CR/LF takes precedence."""
-        return self._checks.error
 
     def feed(self, data: bytes) -> tuple[bytes, int | None]:
         """Decode the next chunk of the DATA stream.
@@ -240,36 +254,21 @@ class DataDecoder:
         return self._checks.account(decoded)
 
 
-class ChunkDecoder:
+class ChunkDecoder(_CheckedContent):
     """Checks one message's BDAT content (RFC 3030) as its chunks arrive.
 
     BDAT content is counted, not delimited, and not dot-stuffed: it is the message as is.
     It gets DATA's checks all the same, bare CR or LF included, so that whether a message
     is accepted does not depend on how the client chose to send it. A CR at the end of one
-    piece is held until the next shows whether LF follows. The limits are DataDecoder's.
+    piece is held until the next shows whether LF follows. The limits are _CheckedContent's.
     """
 
-    def __init__(
-        self,
-        max_size: int,
-        max_received_headers: int,
-        max_header_size: int,
-        max_line_length: int = 0,
-    ) -> None:
-        self._checks = _ContentChecks(
-            max_size, max_received_headers, max_header_size, max_line_length
-        )
-        self._carry = b""
+    _carry = b""
 
     @property
     def size(self) -> int:
         """Message bytes seen so far (counted even after an error)."""
         return self._checks.size + len(self._carry)
-
-    @property
-    def error(self) -> Reply | None:
-        """Why the message must be rejected, or None."""
-        return self._checks.error
 
     def feed(self, data: bytes) -> bytes:
         """Check the next piece of content; return the message bytes it completes."""
