@@ -190,17 +190,9 @@ class DataDecoder(_CheckedContent):
     on the first line is unstuffed like any other. The limits are _CheckedContent's.
     """
 
-    def __init__(
-        self,
-        max_size: int,
-        max_received_headers: int,
-        max_header_size: int,
-        max_line_length: int = 0,
-    ) -> None:
-        super().__init__(max_size, max_received_headers, max_header_size, max_line_length)
-        # The virtual CRLF that ends the DATA command line; removed from the output.
-        self._carry = b"\r\n"
-        self._skip = 2
+    # The virtual CRLF that ends the DATA command line: carried in, then cut from the output.
+    _carry = b"\r\n"
+    _skip = 2
 
     @property
     def size(self) -> int:
