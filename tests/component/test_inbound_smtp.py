@@ -366,6 +366,44 @@ async def test_a_client_that_never_reads_its_replies_is_no_longer_read(harness: 
         sock.close()
 
 
+def _closed_within(sock: socket.socket, seconds: float = 10.0) -> bool:
+    """Read until the server closes the connection (True) or ``seconds`` pass (False).
+
+    A close with our flood still unread in its buffer is a reset, which counts as closed.
+    """
+    sock.setblocking(True)
+    sock.settimeout(0.5)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if not sock.recv(1 << 20):
+                return True
+        except TimeoutError:
+            continue
+        except ConnectionResetError:
+            return True
+    return False
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_timed_out_client_that_was_not_read_is_still_closed(tmp_path: Path) -> None:
+    """The command timeout of a session whose reading is paused (its replies could not
+    leave) closes the connection: the close does not wait on the paused producer."""
+    h = InboundHarness(_reactor(), tmp_path, {"smtp": {"command_timeout": 0.5}})
+    port = h.start()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    try:
+        await threads.deferToThread(_flood_without_reading, sock, 8 << 20)
+        closed = await threads.deferToThread(_closed_within, sock)
+    finally:
+        sock.close()
+        await h.stop()
+    assert closed
+    assert any("disconnect from [127.0.0.1]" in line for line in h.mail_log())
+
+
 @pytest_twisted.ensureDeferred
 async def test_bare_lf_in_data_is_rejected_and_nothing_queued(harness: Any) -> None:
     """SMTP smuggling: a bare LF in DATA rejects the message; no queue file remains."""

@@ -877,6 +877,11 @@ class SMTPServerProtocol(Protocol):
     def _close(self) -> None:
         if self.transport is not None:
             self._send_output()
+            if self._watching_replies:
+                # A transport whose producer is paused resumes it when its buffer drains
+                # instead of closing: the close must not wait on a producer.
+                self._watching_replies = False
+                self.transport.unregisterProducer()  # type: ignore[attr-defined]
             self.transport.loseConnection()
 
     def _send_output(self) -> None:
