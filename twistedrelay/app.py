@@ -22,7 +22,7 @@ from twistedrelay.auth import Authenticator, UsersFile, UsersFileError
 from twistedrelay.config import Config, ConfigError, load_config
 from twistedrelay.delivery.service import DeliveryService, build_delivery_service
 from twistedrelay.eventlog import MailLog, configure_twistd_logger
-from twistedrelay.hooks import load_plugins, plugin_state_directory, validate_plugins
+from twistedrelay.hooks import HookRunner, load_plugins, plugin_state_directory, validate_plugins
 from twistedrelay.metrics import RelayMetrics
 from twistedrelay.metrics_http import metrics_service_factory
 from twistedrelay.policy import RelayPolicy
@@ -64,6 +64,7 @@ def makeService(options: Options) -> IService:
         reactor,
         payload=DEFAULT_PAYLOAD,
         metrics_service=metrics_service_factory(reactor, config.queue.directory),
+        validate=validate_config,
     )
 
 
@@ -71,9 +72,9 @@ class WorkerService(MultiService):
     """A worker's service tree, reloadable on SIGHUP without dropping connections.
 
     Sessions read their collaborators from the shared InboundParts at each command, so a new
-    config (limits, relay policy) applies to every session from its next command, and a
-    reloaded certificate to every new TLS handshake. Routes and delivery limits go to the
-    delivery service.
+    config (limits, relay policy, plugins) applies to every session from its next command,
+    and a reloaded certificate to every new TLS handshake. Routes and delivery limits go to
+    the delivery service.
     """
 
     def __init__(self, parts: InboundParts, delivery: DeliveryService) -> None:
@@ -84,13 +85,44 @@ class WorkerService(MultiService):
     def reload_config(self, config: Config) -> None:
         """Apply a new, already validated config.
 
-        :raises ConfigError: the new certificate cannot be loaded (the old one stays).
+        Changed ``[plugins]`` are set up anew and take over from the next hook call; the
+        old plugins are closed once calls already running have had their hook_timeout.
+
+        :raises ConfigError: the new plugins or certificate cannot be loaded (the old ones
+            stay).
         """
+        reactor = self.parts.reactor
+        hooks = None
+        if config.plugins != self.parts.config.plugins:
+            hooks = load_worker_plugins(config, reactor)
         if self.parts.server_tls is not None:
-            self.parts.server_tls.reload()
+            try:
+                self.parts.server_tls.reload()
+            except ConfigError:
+                if hooks is not None:
+                    hooks.close()
+                raise
+        if hooks is not None:
+            old = self.parts.hooks
+            self.parts.hooks = self.delivery.hooks = hooks
+            reactor.callLater(self.parts.config.plugins.hook_timeout + 1, old.close)
         self.parts.config = config
         self.parts.policy = build_relay_policy(config)
         self.delivery.reload_config(config)
+
+
+def load_worker_plugins(config: Config, reactor: Any) -> HookRunner:
+    """The enabled hook plugins of a worker, set up (hooks.py).
+
+    :raises ConfigError: an unknown plugin or a bad setting.
+    """
+    return load_plugins(
+        config.plugins,
+        reactor,
+        config.source,
+        state_directory=plugin_state_directory(config),
+        run_in_thread=partial(threads.deferToThreadPool, reactor, reactor.getThreadPool()),
+    )
 
 
 def build_relay_policy(config: Config) -> RelayPolicy:
@@ -154,13 +186,7 @@ def build_worker_service(
     store = QueueStore(str(config.queue.directory), reactor)
     metrics = RelayMetrics.for_worker()
     maillog = MailLog()
-    hooks = load_plugins(
-        config.plugins,
-        reactor,
-        config.source,
-        state_directory=plugin_state_directory(config),
-        run_in_thread=partial(threads.deferToThreadPool, reactor, reactor.getThreadPool()),
-    )
+    hooks = load_worker_plugins(config, reactor)
     delivery = build_delivery_service(
         config, slot, reactor, store=store, metrics=metrics, maillog=maillog, hooks=hooks
     )

@@ -395,6 +395,8 @@ def _build_plugins(data: Any, source: str) -> PluginsConfig:
         raise ConfigError(source, "plugins.enabled", str(e)) from None
     try:
         hook_timeout = _seconds(data.pop("hook_timeout", 30.0))
+        if hook_timeout <= 0:
+            raise ValueError(f"must be more than 0 seconds, got {hook_timeout}")
     except ValueError as e:
         raise ConfigError(source, "plugins.hook_timeout", str(e)) from None
     settings = {}

@@ -12,6 +12,7 @@ import base64
 import email.policy
 import math
 import re
+import signal
 import smtplib
 import sys
 import time
@@ -178,3 +179,38 @@ def test_signed_mail_verifies_and_a_flood_is_limited_across_both_workers(
         assert b" d=example.org;" in content and b" s=s1;" in content
         assert dkim.verify(content, dnsfunc=lookup)
     assert not dkim.verify(_unwrap(saved[0]).replace(b"flood", b"FLOOD"), dnsfunc=lookup)
+
+
+def test_sighup_applies_new_plugin_settings_and_refuses_bad_ones(tmp_path, start_relay, start_sink):
+    """A SIGHUP with changed [plugins] sets them up anew in every worker; one with a bad
+    plugin setting is refused by the master, as check-config would refuse it."""
+    sink = start_sink(tmp_path / "sink")
+
+    def configure(example: str) -> Path:
+        return write_relay_config(
+            tmp_path,
+            route=f"127.0.0.1:{sink.port}",
+            workers=2,
+            extra=f'[plugins]\nenabled = ["example"]\n[plugins.example]\n{example}\n',
+        )
+
+    config = configure("add_header = false")
+    relay: RelayProcess = start_relay(config, tmp_path / "run", workers=2)
+    configure("add_header = true")
+    relay.proc.send_signal(signal.SIGHUP)
+    for slot in (0, 1):
+        relay.wait_for_log(rf"worker {slot} reloaded")
+    for number in range(4):  # sessions alternate between the workers
+        with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=15) as client:
+            client.sendmail("a@example.org", ["b@example.net"], _message(number, "reload"))
+
+    def delivered() -> list[bytes] | None:
+        messages = [m for m in sink.messages() if b"from reload" in m]
+        return messages if len(messages) == 4 else None
+
+    saved = wait_until(delivered, DELIVERY_TIMEOUT_SECONDS, "4 messages at the sink")
+    assert all(b"\r\nX-Example: yes\r\n" in m or m.startswith(b"X-Example: yes") for m in saved)
+
+    configure('add_header = "yes"')
+    relay.proc.send_signal(signal.SIGHUP)
+    relay.wait_for_log(r"SIGHUP: refusing the new config, keeping the old one: .*plugins\.example")

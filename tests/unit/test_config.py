@@ -93,6 +93,7 @@ def test_postmaster_mailbox_defaults_to_the_relays_hostname() -> None:
         ("[relay]\ndomains = ['not a domain']", "relay.domains"),
         ("[relay]\npostmaster = 'postmaster'", "relay.postmaster"),
         ("[smtp]\nmax_text_line_length = 998", "smtp.max_text_line_length"),
+        ("[plugins]\nhook_timeout = 0", "plugins.hook_timeout"),
         ("[delivery]\nroutes = { 'x.test' = '[host' }", "delivery.routes"),
         ("[delivery]\nminimal_backoff = 5000", "delivery.minimal_backoff"),
         ("[delivery]\ntls = 'sometimes'", "delivery.tls"),

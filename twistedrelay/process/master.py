@@ -444,6 +444,8 @@ class MasterService(MultiService):
         socket and the multi-process directory; None serves no metrics and binds no socket.
     :param metrics_directory: where workers write metric files (default: <queue>/metrics).
         It is emptied at start so a previous run's counters are not summed again.
+    :param validate: checks a config beyond its TOML (plugin settings, the files it names)
+        before a SIGHUP hands it to the workers; raises ConfigError to refuse it.
     :raises ConfigError: ``[workers] user`` or ``group`` does not exist.
     """
 
@@ -456,12 +458,14 @@ class MasterService(MultiService):
         payload: str = DEFAULT_PAYLOAD,
         metrics_service: MetricsServiceFactory | None = None,
         metrics_directory: str | None = None,
+        validate: Callable[[Config], None] | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         self.config = config
         self.config_path = config_path
         self._reactor = reactor
         self._payload = payload
+        self._validate = validate
         self._metrics_service = metrics_service
         # Absolute: workers get it in their environment and might not share our cwd.
         self.metrics_directory = os.path.abspath(
@@ -560,6 +564,8 @@ class MasterService(MultiService):
         """
         try:
             config = load_config(self.config_path)
+            if self._validate is not None:
+                self._validate(config)
         except ConfigError as e:
             log.error("SIGHUP: refusing the new config, keeping the old one: {error}", error=str(e))
             return False
