@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twistedrelay.config import Config, ConfigError, PluginsConfig, load_config
+from twistedrelay.delivery.headers import build_drop_rules, drop_header_fields, normalise_value
 from twistedrelay.queue.entry import Envelope
 from twistedrelay.routing import Destination, NextHop, parse_next_hop
 from twistedrelay.smtp import replies
@@ -357,6 +358,35 @@ class DataContext(HookContext):
         return [value for field_name, value in self.headers if field_name.lower() == name]
 
 
+def _as_delivered(
+    stored: DataContext, added: Sequence[tuple[str, str]], dropped: Sequence[tuple[str, str | None]]
+) -> DataContext:
+    """The data context the next plugins see: the message as it will be delivered.
+
+    The fields earlier plugins added are on top and the ones they dropped gone, so that a
+    signer listed after an editor signs what goes out (docs/hooks.md).
+    """
+    rules = build_drop_rules(dropped)
+    prepended = "".join(f"{name}: {value}\r\n" for name, value in added).encode("utf-8")
+    read_stored = stored.message_reader
+
+    def read_delivered() -> bytes:
+        return prepended + drop_header_fields(read_stored(), rules)
+
+    def kept(name: str, value: str) -> bool:
+        lowered = name.lower()
+        return not any(
+            rule_name == lowered and (rule_value is None or normalise_value(value) == rule_value)
+            for rule_name, rule_value in rules
+        )
+
+    return replace(
+        stored,
+        headers=(*added, *((n, v) for n, v in stored.headers if kept(n, v))),
+        message_reader=read_delivered,
+    )
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class QueueContext(HookContext):
     """``queue`` (observer): the message is durable in the queue as ``queue_id``."""
@@ -570,6 +600,7 @@ class HookRunner:
         allowed = HOOKS[hook]
         added: list[tuple[str, str]] = []
         dropped: list[tuple[str, str | None]] = []
+        stored = ctx
         for plugin in plugins:
             decision = await self._call(plugin, hook, ctx)
             if not isinstance(decision, Decision):
@@ -580,6 +611,8 @@ class HookRunner:
                 decision = self._invalid(plugin, hook, "edits headers outside the data hook")
             added.extend(decision.add_headers)
             dropped.extend(decision.drop_headers)
+            if isinstance(stored, DataContext) and (decision.add_headers or decision.drop_headers):
+                ctx = _as_delivered(stored, added, dropped)
             if not decision.is_proceed:
                 return replace(
                     decision,

@@ -227,6 +227,34 @@ def test_add_header_decisions_accumulate_in_plugin_order():
     assert decision.drop_headers == (("X-Spam", "yes"),)
 
 
+def test_later_plugins_see_the_message_as_it_will_be_delivered():
+    """After a plugin adds or drops fields, the next ones read the message with those edits
+    (what delivery sends): a signer listed after an editor signs what goes out."""
+    stored = b"Subject: hi\r\nX-Spam: yes\r\nX-Spam: no\r\n\r\nbody\r\n"
+    seen: list[tuple[bytes, tuple[tuple[str, str], ...]]] = []
+
+    def signer(ctx: DataContext) -> Decision:
+        seen.append((ctx.read_message(), ctx.headers))
+        return Decision.proceed()
+
+    r, _ = runner(
+        (
+            "editor",
+            {
+                "data": lambda ctx: Decision.proceed(
+                    add_headers=[("X-Test", "1")], drop_headers=[("X-Spam", "yes")]
+                )
+            },
+        ),
+        ("signer", {"data": signer}),
+    )
+    headers = (("Subject", "hi"), ("X-Spam", "yes"), ("X-Spam", "no"))
+    fired(r.run("data", data_ctx(headers=headers, message_reader=lambda: stored)))
+    ((message, seen_headers),) = seen
+    assert message == b"X-Test: 1\r\nSubject: hi\r\nX-Spam: no\r\n\r\nbody\r\n"
+    assert seen_headers == (("X-Test", "1"), ("Subject", "hi"), ("X-Spam", "no"))
+
+
 def test_hold_keeps_headers_added_before_it():
     """A hold after an add_header holds the message with the header added."""
     r, _ = runner(
