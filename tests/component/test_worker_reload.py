@@ -11,6 +11,7 @@ from twisted.internet.task import deferLater
 
 from twistedrelay.app import WorkerService, build_worker_service
 from twistedrelay.config import Config, ConfigError, parse_config
+from twistedrelay.metrics import RelayMetrics
 from twistedrelay.queue.store import QueueStore
 
 
@@ -37,8 +38,9 @@ async def test_changed_plugins_are_set_up_anew_and_the_old_ones_closed(
 ) -> None:
     """A new [plugins] table reaches inbound and delivery at once; the old runner is closed
     after the calls in flight have had their hook_timeout."""
-    (tmp_path / "metrics").mkdir()
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "metrics"))
+    # A worker's metrics switch prometheus_client to multiprocess files for the whole
+    # process; this test process runs other tests after it, so it gets plain ones.
+    monkeypatch.setattr(RelayMetrics, "for_worker", classmethod(lambda cls: cls()))
     first = _config(tmp_path, {"enabled": ["example"]})
     QueueStore.create(str(first.queue.directory))
     service = build_worker_service(first, 0, _reactor(), {})
