@@ -119,7 +119,11 @@ def setup(settings: Mapping[str, Any], environment: PluginEnvironment) -> RateLi
     else:
         raise SettingsError("state_file", f"expected a file name, got {state_file!r}")
     busy_timeout = settings.get("busy_timeout_seconds", 1.0)
-    if isinstance(busy_timeout, bool) or not isinstance(busy_timeout, int | float):
+    if (
+        isinstance(busy_timeout, bool)
+        or not isinstance(busy_timeout, int | float)
+        or busy_timeout < 0
+    ):
         raise SettingsError("busy_timeout_seconds", f"expected seconds, got {busy_timeout!r}")
     return RateLimit(environment.name, limits, CounterStore(path, float(busy_timeout)))
 

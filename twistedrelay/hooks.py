@@ -785,6 +785,10 @@ def _load_one(
             raise ConfigError(source, f"plugins.{name}.{e.key}", e.problem) from None
         except (ValueError, TypeError, OSError, ImportError, LookupError) as e:
             raise ConfigError(source, f"plugins.{name}", str(e)) from None
+        except Exception as e:  # noqa: BLE001 (a plugin's own bug: one line, not a traceback)
+            raise ConfigError(
+                source, f"plugins.{name}", f"setup() failed: {type(e).__name__}: {e}"
+            ) from None
     provider = module if instance is None else instance
     hooks = {}
     for attribute in dir(provider):

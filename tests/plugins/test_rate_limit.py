@@ -126,6 +126,7 @@ def test_without_state_file_or_state_directory_setup_refuses(tmp_path):
         ({"per_client": {"messages": 1, "window_seconds": 0}}, "per_client.window_seconds"),
         ({"per_client": {"window_seconds": 10}}, "per_client"),
         ({"per_domain": {"messages": 1}}, "per_domain"),
+        ({"per_client": {"messages": 1}, "busy_timeout_seconds": -5}, "busy_timeout_seconds"),
     ],
 )
 def test_bad_settings_are_config_errors_naming_the_key(tmp_path, settings, key):

@@ -506,6 +506,9 @@ def third_party(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         )
     )
     (tmp_path / "acme_typo_plugin.py").write_text("def hook_recipient(ctx):\n    pass\n")
+    (tmp_path / "acme_broken_plugin.py").write_text(
+        "def setup(settings):\n    raise RuntimeError('the plugin has a bug')\n"
+    )
     dist_info = tmp_path / "acme_relay_plugin-1.0.dist-info"
     dist_info.mkdir()
     (dist_info / "METADATA").write_text(
@@ -513,10 +516,11 @@ def third_party(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     )
     (dist_info / "entry_points.txt").write_text(
         "[twistedrelay.plugins]\nacme = acme_relay_plugin\ntypo = acme_typo_plugin\n"
+        "broken = acme_broken_plugin\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     yield tmp_path
-    for name in ("acme_relay_plugin", "acme_typo_plugin"):
+    for name in ("acme_relay_plugin", "acme_typo_plugin", "acme_broken_plugin"):
         sys.modules.pop(name, None)
 
 
@@ -535,6 +539,15 @@ def test_a_third_party_plugin_without_setup_refuses_settings(third_party):
     with pytest.raises(ConfigError) as e:
         load_plugins(config, task.Clock())
     assert e.value.key == "plugins.acme.level"
+
+
+def test_a_setup_that_crashes_is_one_config_error_line(third_party):
+    """A bug in a plugin's setup() stops start-up with one line naming the plugin."""
+    with pytest.raises(ConfigError) as e:
+        load_plugins(PluginsConfig(enabled=("broken",)), task.Clock())
+    assert e.value.key == "plugins.broken"
+    assert "setup() failed: RuntimeError: the plugin has a bug" in str(e.value)
+    assert "\n" not in str(e.value)
 
 
 def test_a_misnamed_hook_function_is_a_config_error(third_party):
