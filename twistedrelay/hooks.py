@@ -35,7 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twistedrelay.config import Config, ConfigError, PluginsConfig, load_config
-from twistedrelay.delivery.headers import build_drop_rules, drop_header_fields, normalise_value
+from twistedrelay.delivery.headers import DropRules, build_drop_rules, drop_header_fields
 from twistedrelay.queue.entry import Envelope
 from twistedrelay.routing import Destination, NextHop, parse_next_hop
 from twistedrelay.smtp import replies
@@ -195,7 +195,11 @@ class Decision:
 
     def header_lines(self) -> tuple[str, ...]:
         """``add_headers`` as raw CRLF-terminated lines, for ``Envelope.prepend_headers``."""
-        return tuple(f"{name}: {value}\r\n" for name, value in self.add_headers)
+        return _header_lines(self.add_headers)
+
+
+def _header_lines(fields: Sequence[tuple[str, str]]) -> tuple[str, ...]:
+    return tuple(f"{name}: {value}\r\n" for name, value in fields)
 
 
 PROCEED = Decision(Verdict.PROCEED)
@@ -367,22 +371,16 @@ def _as_delivered(
     signer listed after an editor signs what goes out (docs/hooks.md).
     """
     rules = build_drop_rules(dropped)
-    prepended = "".join(f"{name}: {value}\r\n" for name, value in added).encode("utf-8")
+    prepended = "".join(_header_lines(added)).encode("utf-8")
     read_stored = stored.message_reader
 
     def read_delivered() -> bytes:
         return prepended + drop_header_fields(read_stored(), rules)
 
-    def kept(name: str, value: str) -> bool:
-        lowered = name.lower()
-        return not any(
-            rule_name == lowered and (rule_value is None or normalise_value(value) == rule_value)
-            for rule_name, rule_value in rules
-        )
-
+    drops = DropRules(rules)
     return replace(
         stored,
-        headers=(*added, *((n, v) for n, v in stored.headers if kept(n, v))),
+        headers=(*added, *((n, v) for n, v in stored.headers if not drops.drops(n, v))),
         message_reader=read_delivered,
     )
 

@@ -59,6 +59,23 @@ def field_value(raw_value: bytes) -> str:
     return " ".join(raw_value.decode("ascii", "replace").split())
 
 
+class DropRules:
+    """Drop rules by lower-case field name, to test fields against (HeaderFilter, hooks)."""
+
+    def __init__(self, rules: Iterable[tuple[str, str | None]]) -> None:
+        self._values: dict[str, set[str | None]] = {}
+        for name, value in rules:
+            self._values.setdefault(name.lower(), set()).add(value)
+
+    def __bool__(self) -> bool:
+        return bool(self._values)
+
+    def drops(self, name: str, value: str) -> bool:
+        """Whether a field ``name: value`` (value as hooks see it) is dropped."""
+        values = self._values.get(name.lower())
+        return values is not None and (None in values or value in values)
+
+
 class HeaderFilter:
     """Streams a message and omits the header fields that match the drop rules.
 
@@ -69,9 +86,7 @@ class HeaderFilter:
     """
 
     def __init__(self, rules: Iterable[tuple[str, str | None]]) -> None:
-        self._rules: dict[str, set[str | None]] = {}
-        for name, value in rules:
-            self._rules.setdefault(name.lower(), set()).add(value)
+        self._rules = DropRules(rules)
         self._buffer = bytearray()
         self._search_from = 0
         self._in_header = bool(self._rules)
@@ -140,10 +155,7 @@ class HeaderFilter:
 
     def _is_dropped(self, field: bytes) -> bool:
         name, _, value = field.partition(b":")
-        values = self._rules.get(name.strip(_WSP).decode("ascii", "replace").lower())
-        if values is None:
-            return False
-        return None in values or field_value(value) in values
+        return self._rules.drops(name.strip(_WSP).decode("ascii", "replace"), field_value(value))
 
 
 def _starts_field(data: bytes | bytearray) -> bool | None:

@@ -62,9 +62,11 @@ CONTENT_IN_MEMORY_BUDGET = 16 * 1024 * 1024
 #: stays claimed and the record is tried again after this many seconds, doubling up to
 #: RECORD_RETRY_MAX_SECONDS. Delivering it again instead would repeat what was delivered.
 RECORD_RETRY_SECONDS = 5.0
+RECORD_RETRY_MAX_SECONDS = 300.0
+#: How long a destination that refused connections is left alone, at first and at most
+#: (dead_destination_backoff caps both by the retry backoff of the config).
 DEAD_BACKOFF_INITIAL_SECONDS = 60.0
 DEAD_BACKOFF_MAX_SECONDS = 600.0
-RECORD_RETRY_MAX_SECONDS = 300.0
 #: How much of a bounced message is read to find its header section for the DSN.
 HEADER_READ_LIMIT = 256 * 1024
 #: Spread retries of mail deferred together by up to this share of minimal_backoff.
@@ -361,8 +363,9 @@ class DeliveryService(Service):
                     # than defer the message for a backoff it did nothing to earn.
                     await pool.release(pooled)
                     pooled = await pool.acquire(hosts, fresh=True)
-                    message = self._outbound(entry.claimed, payload.recipients)
-                    result = await pooled.protocol.send(message)
+                    result = await pooled.protocol.send(
+                        self._outbound(entry.claimed, payload.recipients)
+                    )
             except AllHostsFailedError as e:
                 if e.outcome.result is Result.DEFERRED and not rerouted:
                     failure = e.outcome

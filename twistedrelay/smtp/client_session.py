@@ -798,17 +798,11 @@ class ClientSession:
             # send an empty message body (a lone dot) so that nothing is delivered.
             self._send(_Command.LONE_DOT, b".\r\n")
 
-    def _on_end_of_data(self, reply: Reply, events: list[Event]) -> None:
-        self._on_final_reply(reply, events)
-
     def _on_lone_dot(self, reply: Reply, events: list[Event]) -> None:
         self._finish_transaction(reply, events)
 
-    def _on_bdat(self, reply: Reply, events: list[Event]) -> None:
-        self._on_final_reply(reply, events)
-
     def _on_final_reply(self, reply: Reply, events: list[Event]) -> None:
-        """The reply to the message's end: only 2xx delivers (RFC 5321 §4.3.2)."""
+        """The reply to the message's end (DATA's dot or BDAT LAST): 2xx alone delivers."""
         transaction = self._current()
         if 300 <= reply.code < 400 or reply.code < 200:
             transaction.final_reply = _unexpected(reply)
@@ -843,9 +837,9 @@ class ClientSession:
         _Command.MAIL: _on_mail,
         _Command.RCPT: _on_rcpt,
         _Command.DATA: _on_data,
-        _Command.END_OF_DATA: _on_end_of_data,
+        _Command.END_OF_DATA: _on_final_reply,
         _Command.LONE_DOT: _on_lone_dot,
-        _Command.BDAT: _on_bdat,
+        _Command.BDAT: _on_final_reply,
         _Command.RSET: _on_rset,
         _Command.PIPELINED_RSET: _on_pipelined_rset,
         _Command.QUIT: _on_quit,
